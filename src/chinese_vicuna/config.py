@@ -1,0 +1,324 @@
+"""Typed configuration: the single source of truth for every command.
+
+Each dataclass field is a config key. YAML presets and ``--key value`` flags use the same
+flat names (``lora_r``, ``data_path``...), and the resolved config is written as
+``run_config.yaml`` next to every checkpoint, so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message says which key and what was expected."""
+
+
+@dataclass
+class ModelArgs:
+    base_model: str | None = None
+    """HF model folder, hub id or ``.gguf`` file. Default: the embedded SmolLM2-135M-Instruct."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base weights with bitsandbytes: ``4bit`` = QLoRA (NF4, double quant)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. ``auto``: bfloat16 on a GPU that supports it, else float16 on GPU, float32 on CPU."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model folder."""
+
+
+@dataclass
+class LoraArgs:
+    finetuning: Literal["lora", "full"] = "lora"
+    """``lora`` trains an adapter (QLoRA when quantization is set); ``full`` trains every weight."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt. Default: per architecture (q_proj, v_proj for LLaMA); ``all-linear``."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
+    init_adapter: str | None = None
+    """Start from this adapter's weights (continue-finetune, fresh optimizer)."""
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = field(default_factory=lambda: [])
+    """Data files/folders/hub ids. ``PATH*W`` takes W times the records (0.5 = half, 2 = twice)."""
+    format: Literal["auto", "alpaca", "vicuna-chat", "sharegpt", "openai", "text"] = "auto"
+    """Record format; ``auto`` detects it per file from the first record."""
+    template: str = "alpaca"
+    """Prompt template: ``alpaca``, ``vicuna-chat`` or ``auto`` (the tokenizer's chat template)."""
+    system_prompt: str | None = None
+    """Overrides the template's default system text / header."""
+    mask: Literal["assistant", "last", "none"] = "assistant"
+    """Which tokens are trained: every reply, only the final reply, or everything."""
+    cutoff_len: int = 256
+    """Maximum tokens per sample (and block size for raw text)."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Over-long samples: drop old history then shorten, keeping the final reply's EOS; or drop them."""
+    val_size: float = 0.0
+    """Validation split: a count (>= 1) or a fraction (< 1). 0 disables evaluation."""
+    dedup: bool = True
+    """Drop duplicate conversations (after format conversion)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """Bad records stop the run with file:line (``error``), or are skipped and written to a rejects file."""
+    packing: bool = False
+    """Pack several samples per row; attention stays inside each sample (position ids restart)."""
+    group_by_length: bool = True
+    """Batch samples of similar length together to cut padding."""
+    max_samples: int | None = None
+    """Use at most this many training records (after shuffling); for quick runs."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "outputs/run"
+    """Where checkpoints, the final adapter, logs and loss.png go."""
+    num_epochs: float = 3.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (overrides num_epochs when > 0)."""
+    micro_batch_size: int = 4
+    """Samples per forward pass on one device."""
+    batch_size: int = 128
+    """Samples per optimizer step across all devices; gradient accumulation makes up the rest."""
+    learning_rate: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps (takes precedence over warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_steps: int = 200
+    """Evaluate on the validation split every N steps (and at the end)."""
+    save_steps: int = 200
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = 3
+    """Keep at most this many recent checkpoints (the best one by validation loss is kept too)."""
+    logging_steps: int = 10
+    """Log loss, learning rate and tokens/s every N steps."""
+    seed: int = 42
+    """Seeds data order, LoRA init and dropout."""
+    resume: str | None = None
+    """``auto``/``latest`` (newest checkpoint in output_dir) or a checkpoint folder."""
+    new_data: bool = False
+    """With resume: keep optimizer and schedule but start the (new) data from its beginning."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Loggers besides console and CSV: ``tensorboard``, ``wandb``; ``none`` for neither."""
+    loss_chunk_size: int = 1024
+    """Trained positions per cross-entropy chunk: full-vocabulary logits are never materialised at once."""
+    num_threads: int = 0
+    """CPU threads for torch (0 = torch's default)."""
+
+
+CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``chinese-vicuna train`` needs, grouped as in the design."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def flat(self) -> dict[str, Any]:
+        """All keys in one flat mapping, as in YAML and on the command line."""
+        out: dict[str, Any] = {}
+        for group in (self.model, self.lora, self.data, self.train):
+            out.update(dataclasses.asdict(group))
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.flat(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs}
+    table: dict[str, tuple[str, dataclasses.Field]] = {}
+    for group, cls in groups.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            f.type = hints[f.name]
+            table[f.name] = (group, f)
+    return table
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or string value to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        try:
+            number = float(value) if tp is float else int(str(value).replace("_", ""))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, known: typing.Iterable[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    return ConfigError(f"unknown config key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """Turn ``--key value``/``--key=value``/``--flag`` into raw values; list keys may repeat."""
+    table = _fields()
+    raw: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are written --key value")
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in table:
+            raise _unknown(key, table)
+        if not _:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                if table[key][1].type is not bool:
+                    raise ConfigError(f"--{key}: a value is expected")
+                value = "true"
+            else:
+                value = nxt
+                i += 1
+        i += 1
+        if typing.get_origin(_strip_optional(table[key][1].type)) is list and key in raw:
+            raw[key] = raw[key] + [value]
+        elif typing.get_origin(_strip_optional(table[key][1].type)) is list:
+            raw[key] = [value]
+        else:
+            raw[key] = value
+    return raw
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0]
+    return tp
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from an optional YAML file plus ``--key value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable YAML.
+    """
+    table = _fields()
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys")
+        for key, value in loaded.items():
+            if key not in table:
+                raise ConfigError(f"{p}: {_unknown(key, table)}")
+            values[key] = value
+    for key, value in parse_overrides(overrides or []).items():
+        values[key] = value
+    cfg = TrainConfig()
+    for key, value in values.items():
+        group, f = table[key]
+        setattr(getattr(cfg, group), key, _coerce(key, value, f.type))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks with messages that name the keys."""
+    t, d, lo = cfg.train, cfg.data, cfg.lora
+    if t.micro_batch_size < 1 or t.batch_size < 1:
+        raise ConfigError("micro_batch_size and batch_size must be >= 1")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"batch_size ({t.batch_size}) must be a multiple of micro_batch_size ({t.micro_batch_size})"
+        )
+    if d.cutoff_len < 8:
+        raise ConfigError(f"cutoff_len: expected >= 8, got {d.cutoff_len}")
+    if d.val_size < 0:
+        raise ConfigError(f"val_size: expected >= 0, got {d.val_size}")
+    if lo.finetuning == "full" and cfg.model.quantization != "none":
+        raise ConfigError("finetuning: full cannot train quantized weights; use quantization: none")
+    if t.new_data and not t.resume:
+        raise ConfigError("new_data needs resume: it continues a run's optimizer on new data")
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every config key, for --help and the README."""
+    import ast
+    import inspect
+
+    rows = []
+    for cls in CONFIG_CLASSES:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        docs: dict[str, str] = {}
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, repr(default), docs.get(f.name, "")))
+    return rows

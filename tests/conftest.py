@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random LLaMA with the real SmolLM2 tokenizer, saved as an HF folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import SAMPLES, make_tiny_llama, write_jsonl  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from chinese_vicuna.model.load import load_tokenizer, resolve_base_model
+
+    # The embedded model is imported by `make install`; only its tokenizer is used here.
+    return load_tokenizer(resolve_base_model(None))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random LlamaForCausalLM + the SmolLM2 tokenizer, as a local HF folder."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_llama(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    rows = [
+        {"instruction": f"问题{i}：{'天空为什么是蓝色的' if i % 2 else '一加一等于几'}？", "input": "", "output": f"【答】第{i}个回答。希望对你有帮助！"}
+        for i in range(40)
+    ]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
