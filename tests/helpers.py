@@ -27,6 +27,8 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        # large enough that a frozen random lm_head still lets LoRA move the loss visibly
+        initializer_range=0.3,
     )
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).float()

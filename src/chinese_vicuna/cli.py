@@ -223,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes logs a warning about optional CPU kernels on every import; it is noise here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+        # `train [CONFIG] --key value ...`: every flag is a config key, so argparse only sees CONFIG.
+        rest = argv[1:]
+        config = rest.pop(0) if rest and not rest[0].startswith("-") else None
+        args, extra = parser.parse_args(["train"] + ([config] if config else [])), rest
+    else:
+        args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

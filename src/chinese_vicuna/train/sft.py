@@ -62,7 +62,8 @@ class SFTTrainer:
         mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no")
         if cfg.model.dtype == "auto" and torch.cuda.is_available():
             mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        self.accelerator = acc = Accelerator(mixed_precision=mixed)
+        # cpu=True lets accelerate pick gloo DDP on CPU-only machines under torchrun/accelerate launch.
+        self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = acc.num_processes
         set_seed(t.seed)
         clean_partial(t.output_dir) if acc.is_main_process else None

@@ -1,0 +1,103 @@
+"""Every command through the real entry point (subprocess), with its files and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["import"], ["data", "inspect"], ["generate"], ["eval", "compare"]])
+def test_help(cmd):
+    out = cli(*cmd, "--help").stdout
+    assert "usage: chinese-vicuna" in out
+    if cmd == ["train"]:
+        for key in ["base_model", "data_path", "lora_target_modules", "quantization", "resume", "init_adapter", "seed"]:
+            assert f"--{key}" in out
+    if not cmd:
+        for sub in ["train", "import", "data", "generate", "eval"]:
+            assert sub in out
+
+
+def test_unknown_key_and_bad_value_are_clear(tmp_path):
+    p = cli("train", "--lora_rr", "8", check=False)
+    assert p.returncode == 2 and "unknown config key 'lora_rr' (did you mean 'lora_r'?)" in p.stderr
+    p = cli("train", "--quantization", "3bit", check=False)
+    assert p.returncode == 2 and "quantization: expected one of none, 4bit, 8bit" in p.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 10\nmicro_batch_size: 4\n")
+    p = cli("train", cfg, check=False)
+    assert p.returncode == 2 and "batch_size (10) must be a multiple of micro_batch_size (4)" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_data_reports_file_line_field(tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 3}])
+    p = cli("train", "--base_model", tiny_model_dir, "--data_path", bad, "--output_dir", tmp_path / "o", check=False)
+    assert p.returncode == 2
+    assert f"{bad}:2: output: expected a string, got int" in p.stderr
+    assert "Traceback" not in p.stderr
+    # --on_bad_record skip: trains on the rest and writes the rejects
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)] + [{"instruction": "c"}]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    p = cli("train", "--base_model", tiny_model_dir, "--data_path", mixed, "--output_dir", tmp_path / "o2",
+            "--on_bad_record", "skip", "--max_steps", "1", "--batch_size", "4", "--report_to", "none")
+    assert "skipped 1 bad records" in p.stdout
+    rejects = [json.loads(x) for x in (tmp_path / "o2" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["where"] == f"{mixed}:9"
+
+
+def test_val_size_too_large(tiny_model_dir, alpaca_file, tmp_path):
+    p = cli("train", "--base_model", tiny_model_dir, "--data_path", alpaca_file, "--val_size", "40",
+            "--output_dir", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "val_size (40) must leave training data: there are only 40 samples" in p.stderr
+
+
+def test_train_generate_compare_smoke(tiny_model_dir, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: {tiny_model_dir}\ndata_path: [{alpaca_file}]\noutput_dir: {out}\nmax_steps: 2\n"
+                   "batch_size: 4\nmicro_batch_size: 2\nreport_to: [none]\ncutoff_len: 64\n")
+    p = cli("train", cfg, "--lora_r", "4")
+    assert f"adapter written to {out}" in p.stdout
+    for name in ["adapter_model.safetensors", "adapter_config.json", "run_config.yaml", "chinese_vicuna.json", "loss.png"]:
+        assert (out / name).exists()
+    assert "lora_r: 4" in (out / "run_config.yaml").read_text()
+    assert json.loads((out / "chinese_vicuna.json").read_text())["template"] == "alpaca"
+
+    cli("generate", "--adapter", out, "--prompt", "你好", "--max-new-tokens", "5")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"问题{i}"} for i in range(3)])
+    res = tmp_path / "gen.jsonl"
+    cli("generate", "--adapter", out, "--input", prompts, "--output", res, "--max-new-tokens", "4", "--batch-size", "2")
+    rows = [json.loads(x) for x in res.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    cli("generate", "--adapter", out, "--input", prompts, "--output", res, "--max-new-tokens", "4")
+    assert len(res.read_text().splitlines()) == 3  # resumed: nothing generated twice
+
+    md = tmp_path / "cmp.md"
+    cli("eval", "compare", "--adapter", f"mine={out}", "--input", prompts, "--limit", "2", "--max-new-tokens", "4", "--output", md)
+    table = md.read_text()
+    assert table.startswith("| prompt | base | mine |") and table.count("\n") == 4
+
+
+def test_data_inspect(tmp_path):
+    from helpers import SAMPLES
+
+    p = cli("data", "inspect", SAMPLES / "chat.jsonl", "--template", "vicuna-chat", "--cutoff-len", "128")
+    assert "User:" in p.stdout and "tokens_per_char" in p.stdout and "truncated" in p.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"input": ["a"], "output": ["b", "c"]}]')
+    p = cli("data", "inspect", bad, check=False)
+    assert p.returncode == 2 and f"{bad}:1: input/output: expected lists of equal length" in p.stderr
