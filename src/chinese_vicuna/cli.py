@@ -6,6 +6,7 @@ Heavy libraries are imported inside each command, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -152,6 +153,13 @@ def _add_gen_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+# Modules that add their own subcommands. Each exposes ``register(subparsers, groups)`` (groups:
+# the ``data`` and ``eval`` sub-command parsers) and adds parsers whose ``func(args, extra) -> int``
+# does the work; heavy imports stay inside ``func`` so that ``--help`` stays instant.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chinese-vicuna",
@@ -211,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", default=None, help="write a .md table or .json")
     _add_gen_flags(q)
     q.set_defaults(func=cmd_eval_compare)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"chinese_vicuna.{name}").register(sub, {"data": dsub, "eval": esub})
     return parser
 
 
