@@ -1,17 +1,25 @@
-"""Batch generation from rendered prompts (the same Renderer as training builds the ids).
+"""One token iterator for greedy, sampling, beam search and beam sampling, with penalties.
 
-Prompts are left-padded and decoded together with ``model.generate``; replies are cut at the
-first stop string of the template, so the next turn's header never leaks into an answer.
+Everything that generates (terminal chat, web UI, API server, batch ``generate``) consumes
+``iter_steps``/``TextStream``. Logits processors are transformers' own classes; the loop is ours
+so that every strategy can stream — beam search included.
+
+Beam search follows transformers' ``_beam_search`` step for step (top ``2k`` candidates, the
+top ``k`` that end become finished hypotheses scored ``logp / len**length_penalty``, the same
+early-stop heuristic), so its result equals ``model.generate(num_beams=k)``. While it runs, the
+*committed* tokens are the common prefix of every live beam and kept hypothesis: no later step can
+change them, so they stream append-only; ``best`` is the current best beam for typewriter UIs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..data.formats import Conversation, Message
-from ..data.tokenize import Renderer
+from .stream import IncrementalDecoder, StopFilter
 
 
 @dataclass
@@ -19,16 +27,29 @@ class GenArgs:
     max_new_tokens: int = 128
     """Upper bound on generated tokens per reply."""
     min_new_tokens: int = 0
-    """Lower bound (EOS is suppressed before it)."""
+    """EOS is suppressed before this many tokens."""
     do_sample: bool = False
-    """Sample instead of greedy/beam search."""
+    """Sample (with beams: beam sampling) instead of greedy / beam search."""
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 40
     num_beams: int = 1
     repetition_penalty: float = 1.1
     no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    """Beam scores are divided by length**length_penalty."""
     seed: int | None = None
+
+
+@dataclass
+class Step:
+    committed: list[int]
+    """New tokens that can no longer change (append-only across steps)."""
+    best: list[int]
+    """Current best hypothesis (beam search: may change; otherwise equals ``committed``)."""
+    done: bool = False
+    finish_reason: str | None = None
+    """``stop`` (EOS) or ``length`` (max_new_tokens) once done."""
 
 
 def instruction_conversation(instruction: str, context: str = "", system: str | None = None) -> Conversation:
@@ -38,47 +59,272 @@ def instruction_conversation(instruction: str, context: str = "", system: str | 
 
 def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
     """Text before the earliest stop string."""
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
+    return min((text[:i] for i in (text.find(s) for s in stops if s) if i >= 0), key=len, default=text)
 
 
-@torch.no_grad()
-def generate_batch(model, renderer: Renderer, convs: list[Conversation], args: GenArgs) -> list[str]:
-    """Replies for a batch of conversations that end with a user message."""
-    tok = renderer.tokenizer
-    prompts = [renderer.prompt_ids(c) for c in convs]
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the generation config's and the tokenizer's EOS."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen.repetition_penalty and gen.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+    if gen.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
+    if gen.min_new_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, gen.min_new_tokens, eos))
+    if gen.do_sample:  # same order as transformers: penalties, then warpers
+        if gen.temperature and gen.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k:
+            procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=max(1, gen.num_beams)))
+        if gen.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=max(1, gen.num_beams)))
+    return procs
+
+
+def _forward(model, ids, mask, pos, cache) -> torch.Tensor:
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1, :].float()
+
+
+def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p) :] = 1
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        do_sample=args.do_sample,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        pad_token_id=pad,
-        eos_token_id=tok.eos_token_id,
-    )
-    if args.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
-    if args.do_sample:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return ids.to(device), mask.to(device)
+
+
+def _generator(gen: GenArgs, device) -> torch.Generator | None:
+    if gen.seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(gen.seed)
+    return g
+
+
+@torch.no_grad()
+def iter_steps_batch(
+    model, prompts: list[list[int]], gen: GenArgs, eos: list[int], pad: int, cancel: Callable[[], bool] | None = None
+) -> Iterator[list[Step]]:
+    """Greedy or sampled decoding of a left-padded batch; yields every row's state after each token."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    procs = _processors(gen, ids.shape[1], eos)
+    rng = _generator(gen, device)
+    cache = DynamicCache(config=model.config)
+    logits = _forward(model, ids, mask, pos, cache)
+    seqs = ids
+    new: list[list[int]] = [[] for _ in prompts]
+    steps = [Step(new[r], new[r]) for r in range(len(prompts))]
+    for t in range(gen.max_new_tokens):
+        scores = procs(seqs, logits)
+        if gen.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, -1), 1, generator=rng).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        for r, tok in enumerate(nxt.tolist()):
+            st = steps[r]
+            if st.done:
+                nxt[r] = pad
+                continue
+            new[r].append(tok)
+            if tok in eos:
+                st.done, st.finish_reason = True, "stop"
+            elif t + 1 == gen.max_new_tokens:
+                st.done, st.finish_reason = True, "length"
+        yield steps
+        if all(s.done for s in steps) or (cancel is not None and cancel()):
+            return
+        seqs = torch.cat([seqs, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        logits = _forward(model, nxt[:, None], mask, pos, cache)
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = len(first)
+    for s in seqs[1:]:
+        n = min(n, len(s))
+        for i in range(n):
+            if s[i] != first[i]:
+                n = i
+                break
+    return first[:n]
+
+
+@torch.no_grad()
+def iter_steps_beam(
+    model, prompt: list[int], gen: GenArgs, eos: list[int], pad: int, cancel: Callable[[], bool] | None = None
+) -> Iterator[Step]:
+    """Beam search (or beam sampling) for one prompt, as transformers does it, streaming as it goes."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    k, plen = gen.num_beams, len(prompt)
+    keep = max(2, 1 + len(eos)) * k
+    lp = gen.length_penalty
+    procs = _processors(gen, plen, eos)
+    rng = _generator(gen, device)
+    ids = torch.tensor([prompt] * k, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1)
+    cache = DynamicCache(config=model.config)
+    logits = _forward(model, ids, mask, pos, cache)
+    running = ids
+    run_scores = torch.full((k,), -1e9, device=device)
+    run_scores[0] = 0.0
+    fin: list[tuple[float, list[int]]] = []  # kept hypotheses: (score, new tokens), best first
+    improvable = True
+    step = Step([], [])
+    eos_t = torch.tensor(eos, device=device)
+    for t in range(gen.max_new_tokens):
+        logp = procs(running, torch.log_softmax(logits, -1))
+        acc = (logp + run_scores[:, None]).view(-1)
+        if gen.do_sample:
+            idx = torch.multinomial(torch.softmax(acc, -1), keep, generator=rng)
+            vals = acc[idx]
+        else:
+            vals, idx = torch.topk(acc, keep)
+        vocab = logp.shape[-1]
+        beam, tok = idx // vocab, idx % vocab
+        cand = torch.cat([running[beam], tok[:, None]], 1)
+        hits = torch.isin(tok, eos_t) | (t + 1 == gen.max_new_tokens)
+        # Finished hypotheses: only candidates ranked in the top k, unless adding is pointless.
+        if improvable:
+            for j in range(k):
+                if hits[j]:
+                    fin.append((float(vals[j]) / (t + 1) ** lp, cand[j, plen:].tolist()))
+            fin = sorted(fin, key=lambda x: -x[0])[:k]
+        run_vals = vals + hits.float() * -1e9
+        order = torch.topk(run_vals, k).indices
+        running, run_scores = cand[order], run_vals[order]
+        cache.reorder_cache(beam[order])
+        best_possible = float(run_scores[0]) / (t + 1) ** lp
+        worst_fin = fin[-1][0] if len(fin) == k else -1e9
+        improvable = improvable and best_possible > worst_fin
+        done = not improvable or bool(hits.all())
+        live = [s[plen:].tolist() for s in running] if not done else []
+        pool = live + [h for _, h in fin]
+        committed = _common_prefix(pool) if not done else fin[0][1]
+        step = Step(
+            committed,
+            fin[0][1] if done else live[0],
+            done,
+            ("stop" if fin[0][1] and fin[0][1][-1] in eos else "length") if done else None,
+        )
+        yield step
+        if done or (cancel is not None and cancel()):
+            return
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        logits = _forward(model, running[:, -1:], mask, pos, cache)
+
+
+def iter_steps(model, prompt: list[int], gen: GenArgs, eos: list[int], pad: int, cancel=None) -> Iterator[Step]:
+    """The token iterator for one prompt, whatever the strategy."""
+    if gen.num_beams > 1:
+        yield from iter_steps_beam(model, prompt, gen, eos, pad, cancel)
     else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    replies = []
-    for row in out[:, width:]:
-        text = tok.decode(row, skip_special_tokens=True)
-        replies.append(cut_at_stop(text, renderer.template.stop_strings).strip())
-    return replies
+        for steps in iter_steps_batch(model, [prompt], gen, eos, pad, cancel):
+            yield steps[0]
+
+
+class TextStream:
+    """Iterate for text deltas (UTF-8 safe, cut before any stop string).
+
+    After (or during) iteration: ``text`` (what was yielded), ``best_text`` (current best beam,
+    for typewriter display), ``finish_reason`` (``stop``/``length``/``cancelled``),
+    ``prompt_tokens`` and ``completion_tokens``.
+    """
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], gen: GenArgs, stop_strings=(), cancel=None):
+        self.model, self.tokenizer, self.prompt_ids, self.gen = model, tokenizer, prompt_ids, gen
+        self.stops = tuple(stop_strings)
+        self.cancel = cancel
+        self.text = self.best_text = ""
+        self.finish_reason: str | None = None
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        tok = self.tokenizer
+        dec, stop = IncrementalDecoder(tok), StopFilter(self.stops)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        steps = iter_steps(self.model, self.prompt_ids, self.gen, eos_ids(self.model, tok), pad, self.cancel)
+        st = None
+        for st in steps:
+            delta = stop.push(dec.push(st.committed[len(dec.ids) :]))
+            self.completion_tokens = len(st.best) if not st.done else len(st.committed)
+            if self.gen.num_beams > 1 and not st.done:
+                self.best_text = cut_at_stop(tok.decode(st.best, skip_special_tokens=True), self.stops)
+            if delta:
+                self.text += delta
+                self.best_text = self.text if self.gen.num_beams == 1 else self.best_text
+                yield delta
+            if stop.stopped:
+                self.finish_reason = "stop"
+                steps.close()
+                break
+            if self.cancel is not None and self.cancel() and not st.done:
+                self.finish_reason = "cancelled"
+                steps.close()
+                break
+        else:
+            self.finish_reason = st.finish_reason if st is not None else "length"
+            tail = stop.push(dec.flush())
+            tail += stop.flush()
+            if stop.stopped:
+                self.finish_reason = "stop"
+            if tail:
+                self.text += tail
+                yield tail
+        self.best_text = self.text
+
+    def run(self) -> str:
+        """Consume the stream; return the full text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+@torch.no_grad()
+def generate_batch(model, renderer, convs: list[Conversation], gen: GenArgs) -> list[str]:
+    """Replies for conversations ending with a user message (batched greedy/sampling, else one by one)."""
+    tok = renderer.tokenizer
+    prompts = [renderer.prompt_ids(c) for c in convs]
+    stops = renderer.template.stop_strings
+    if gen.num_beams > 1:
+        return [TextStream(model, tok, p, gen, stops).run().strip() for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    final: list[Step] = []
+    for final in iter_steps_batch(model, prompts, gen, eos_ids(model, tok), pad):
+        for st in final:  # a row that printed a stop string is finished too (stops span few tokens)
+            if not st.done and stops and any(s in tok.decode(st.committed[-32:], skip_special_tokens=True) for s in stops):
+                st.done, st.finish_reason = True, "stop"
+    return [cut_at_stop(tok.decode(st.committed, skip_special_tokens=True), stops).strip() for st in final]

@@ -1,0 +1,109 @@
+"""A loaded model ready to answer: base + adapters + template + the token iterator.
+
+The terminal chat, the web UI and the API server all hold one ``Engine`` and call
+``engine.stream(conversation, gen)``. A lock serialises generation on the shared model (and
+the active-adapter switch that goes with it).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from ..data.formats import Conversation
+from ..data.templates import PromptTemplate, get_template
+from ..data.tokenize import Renderer
+from .decode import GenArgs, TextStream
+
+
+@dataclass
+class Engine:
+    model: object
+    tokenizer: object
+    template: PromptTemplate
+    adapters: list[str] = field(default_factory=list)
+    """Names of the loaded adapters; ``None``/"base" selects the bare base model."""
+    name: str = "base"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(
+        cls,
+        base_model: str | None = None,
+        adapter_specs: list[str] | None = None,
+        *,
+        template: str | None = None,
+        system_prompt: str | None = None,
+        quantization: str = "none",
+        dtype: str = "auto",
+    ) -> Engine:
+        """Load base + adapters (``DIR`` or ``NAME=DIR``); the template comes from the first adapter."""
+        from pathlib import Path
+
+        from ..model.adapters import load_for_inference, parse_adapter_specs
+
+        specs = adapter_specs or []
+        model, tok, meta = load_for_inference(base_model, specs, quantization=quantization, dtype=dtype)
+        name = template or meta.get("template") or ("auto" if getattr(tok, "chat_template", None) else "alpaca")
+        tmpl = get_template(name, tok, system_prompt or meta.get("system_prompt"))
+        base_name = Path(base_model).name if base_model else Path(str(model.config._name_or_path)).name or "base"
+        return cls(model, tok, tmpl, [n for n, _ in parse_adapter_specs(specs)], base_name)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def renderer(self, template: PromptTemplate | None = None) -> Renderer:
+        return Renderer(self.tokenizer, template or self.template, cutoff_len=self.context_length)
+
+    def prompt_ids(self, conv: Conversation, template: PromptTemplate | None = None) -> list[int]:
+        """Token ids of the prompt for a conversation ending with the user's message."""
+        return self.renderer(template).prompt_ids(conv)
+
+    def select(self, adapter: str | None) -> None:
+        """Activate an adapter by name; ``None`` or the base name runs the bare base model."""
+        if not self.adapters:
+            if adapter not in (None, self.name, "base"):
+                raise KeyError(adapter)
+            return
+        if adapter in (None, self.name, "base"):
+            self.model.base_model.disable_adapter_layers()
+            return
+        if adapter not in self.adapters:
+            raise KeyError(adapter)
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(adapter)
+
+    def stream(
+        self,
+        conv: Conversation | list[int],
+        gen: GenArgs,
+        *,
+        adapter: str | None = None,
+        stop_strings: tuple[str, ...] | list[str] = (),
+        template: PromptTemplate | None = None,
+        cancel=None,
+    ) -> TextStream:
+        """A TextStream for the reply. Iterate it while holding ``engine.lock`` (see ``generate``)."""
+        ids = conv if isinstance(conv, list) else self.prompt_ids(conv, template)
+        stops = tuple((template or self.template).stop_strings) + tuple(stop_strings)
+        return _LockedStream(self, adapter, self.model, self.tokenizer, ids, gen, stops, cancel)
+
+    def generate(self, conv: Conversation | list[int], gen: GenArgs, **kwargs) -> TextStream:
+        """Run to the end and return the finished stream (``.text``, ``.finish_reason``, counts)."""
+        stream = self.stream(conv, gen, **kwargs)
+        stream.run()
+        return stream
+
+
+class _LockedStream(TextStream):
+    """Holds the engine lock (and the selected adapter) for the whole generation."""
+
+    def __init__(self, engine: Engine, adapter: str | None, *args):
+        super().__init__(*args)
+        self.engine, self.adapter = engine, adapter
+
+    def __iter__(self):
+        with self.engine.lock:
+            self.engine.select(self.adapter)
+            yield from super().__iter__()
