@@ -30,7 +30,8 @@ class ModelArgs:
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """Load the frozen base weights with bitsandbytes: ``4bit`` = QLoRA (NF4, double quant)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype. ``auto``: bfloat16 on a GPU that supports it, else float16 on GPU, float32 on CPU."""
+    """Compute dtype (autocast). ``auto``: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), else
+    fp16 on older GPUs and fp32 on other CPUs. ``float32`` forces full precision."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
     trust_remote_code: bool = False

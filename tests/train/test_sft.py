@@ -22,7 +22,7 @@ def overrides(base, data, out, **kw):
     args = dict(
         base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=5e-3,
         cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, report_to="none", seed=7,
-        save_steps=1000, eval_steps=1000, group_by_length="false",
+        save_steps=1000, eval_steps=1000, group_by_length="false", dtype="float32",
     )
     args.update(kw)
     out_list = []
@@ -179,3 +179,29 @@ def test_ddp_two_processes_match_one(tiny_model_dir, alpaca_file, tmp_path):
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_training_precision_rules(monkeypatch):
+    import chinese_vicuna.model.load as load
+
+    monkeypatch.setattr(load.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(load, "cpu_has_native_bf16", lambda: True)
+    assert load.training_precision("auto", trains_base_weights=False) == ("bf16", "bfloat16")
+    assert load.training_precision("auto", trains_base_weights=True) == ("bf16", "float32")
+    monkeypatch.setattr(load, "cpu_has_native_bf16", lambda: False)
+    assert load.training_precision("auto", trains_base_weights=False) == ("no", "float32")
+    assert load.training_precision("float32", trains_base_weights=False) == ("no", "float32")
+    assert load.training_precision("float16", trains_base_weights=False) == ("fp16", "float16")
+
+
+def test_bf16_autocast_training_keeps_adapter_fp32(tiny_model_dir, alpaca_file, tmp_path):
+    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "bf16", max_steps=20, dtype="bfloat16",
+                                      lora_target_modules="all-linear", lora_r=8, learning_rate=1e-2))
+    t = run_training(cfg, progress_bar=False)
+    model = t.accelerator.unwrap_model(t.wrapper).model
+    assert t.mixed_precision == "bf16"
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    ls = losses(tmp_path / "bf16")
+    assert ls[20] < ls[1]
+    assert adapter(tmp_path / "bf16")[next(iter(adapter(tmp_path / "bf16")))].dtype == torch.float32

@@ -123,6 +123,30 @@ def _explain(path: str, e: Exception) -> str:
     return f"{path}: cannot load it: {str(e).splitlines()[0]}"
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 on this CPU."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def training_precision(dtype: str, trains_base_weights: bool) -> tuple[str, str]:
+    """(accelerate mixed_precision, dtype to load the base in) for a training run.
+
+    ``auto`` means bf16 autocast on a GPU that has it (else fp16), and on a CPU with native bf16
+    matmuls (AVX512-BF16/AMX); plain fp32 elsewhere. Frozen base weights (LoRA) are stored in the
+    compute dtype, since autocast would round them to it for every matmul anyway; trained weights
+    (full fine-tune, LoRA matrices) stay fp32.
+    """
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+    return mixed, ("float32" if trains_base_weights or mixed == "no" else dtype)
+
+
 def default_dtype(dtype: str = "auto") -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)

@@ -24,7 +24,7 @@ from ..data.datasets import PreparedData, parse_source, prepare
 from ..data.templates import get_template
 from ..data.tokenize import IGNORE, Renderer, Sample
 from ..model.adapters import META_FILE, attach_lora, trainable_summary
-from ..model.load import load_model_and_tokenizer, resolve_base_model
+from ..model.load import load_model_and_tokenizer, resolve_base_model, training_precision
 from ..model.quantize import prepare_for_kbit_training
 from .callbacks import TrainLogger
 from .checkpoint import (
@@ -51,6 +51,7 @@ class SFTTrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> SFTTrainer:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
@@ -58,10 +59,12 @@ class SFTTrainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         cfg.model.base_model = resolve_base_model(cfg.model.base_model)
-        # bf16/fp16 compute through autocast (accelerate's mixed precision); on CPU only when asked.
-        mixed = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.model.dtype, "no")
-        if cfg.model.dtype == "auto" and torch.cuda.is_available():
-            mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # bf16/fp16 compute through autocast (accelerate's mixed precision), see training_precision.
+        mixed, load_dtype = training_precision(cfg.model.dtype, cfg.lora.finetuning == "full")
+        self.mixed_precision = mixed
+        # accelerate keeps one global state per process; a second run in the same process (a notebook,
+        # the tests) may ask for another precision, so forget the previous run's (not the process group).
+        AcceleratorState._reset_state(reset_partial_state=False)
         # cpu=True lets accelerate pick gloo DDP on CPU-only machines under torchrun/accelerate launch.
         self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = acc.num_processes
@@ -70,7 +73,7 @@ class SFTTrainer:
 
         model, tok = load_model_and_tokenizer(
             cfg.model.base_model,
-            dtype=cfg.model.dtype,
+            dtype=load_dtype,
             quantization=cfg.model.quantization,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
