@@ -185,11 +185,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
         return value
     if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(key, v, args[0]) for v in value]
+        # `--lora_target_modules q_proj,v_proj` and repeated flags both give a flat list
+        flat = [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+        return [_coerce(key, v, args[0]) for v in flat if v != ""]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,6 +201,9 @@ class SFTTrainer:
         )
         self.logger = log
         self.wrapper.train()
+        # wall time of the optimisation alone (evaluation and checkpoint writing kept apart)
+        self.timing = {"train_s": 0.0, "eval_s": 0.0, "save_s": 0.0}
+        tick = time.perf_counter()
         loss_acc = torch.zeros((), device=acc.device)
         tok_acc = torch.zeros((), device=acc.device)
         metrics: dict = {}
@@ -240,6 +244,9 @@ class SFTTrainer:
                     metrics["grad_norm"] = float(grad_norm)
                 loss_acc.zero_()
                 tok_acc.zero_()
+            now = time.perf_counter()
+            self.timing["train_s"] += now - tick
+            tick = now
             if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
                 metrics["val_loss"] = self.evaluate()
                 if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
@@ -247,10 +254,14 @@ class SFTTrainer:
             if metrics:
                 row = log.log(done, (done - self.progress.data_offset) / self.steps_per_epoch, **metrics)
                 self.history.append(row)
+            self.timing["eval_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             if done % t.save_steps == 0 or done == self.total_steps:
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb(self, done, metrics)
+            self.timing["save_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
         log.close()
         self.save()
         return self.history[-1] if self.history else {}
