@@ -32,8 +32,9 @@ class ModelArgs:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype (autocast). ``auto``: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), else
     fp16 on older GPUs and fp32 on other CPUs. ``float32`` forces full precision."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    attn_implementation: str = "auto"
+    """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``). ``auto``: sdpa on GPU; eager for CPU
+    training, measured faster there than the CPU flash kernel's backward at these lengths."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model folder."""
 

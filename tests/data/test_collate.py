@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from chinese_vicuna.data.collate import collate, collate_packed, plan_batches, plan_packed
@@ -34,9 +35,10 @@ def test_dynamic_padding_pads_to_longest_not_cutoff():
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
 
 
-def test_packed_loss_and_grads_equal_unpacked(tiny_model):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_grads_equal_unpacked(tiny_model, attn):
     model = tiny_model
-    model.config._attn_implementation = "sdpa"
+    model.config._attn_implementation = attn
     w = CausalLMLoss(model)
     data = samples(5)
 

@@ -76,7 +76,11 @@ class SFTTrainer:
             cfg.model.base_model,
             dtype=load_dtype,
             quantization=cfg.model.quantization,
-            attn_implementation=cfg.model.attn_implementation,
+            attn_implementation=(
+                ("sdpa" if torch.cuda.is_available() else "eager")
+                if cfg.model.attn_implementation == "auto"
+                else cfg.model.attn_implementation
+            ),
             trust_remote_code=cfg.model.trust_remote_code,
             device=str(acc.device) if cfg.model.quantization != "none" else None,
         )
