@@ -53,4 +53,4 @@ def test_packed_loss_and_grads_equal_unpacked(tiny_model, attn):
     assert n1 == n2
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 summation order differs
