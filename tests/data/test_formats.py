@@ -54,7 +54,7 @@ def test_invalid_json_line_reported(tmp_path):
 
 def test_non_utf8_reported_with_line(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_bytes('{"instruction": "a", "output": "b"}\n'.encode() + '{"instruction": "中"}\n'.encode("gbk"))
+    p.write_bytes(b'{"instruction": "a", "output": "b"}\n' + '{"instruction": "中"}\n'.encode("gbk"))
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
         list(iter_records(str(p)))
 

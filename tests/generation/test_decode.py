@@ -1,5 +1,7 @@
 """The token iterator against transformers' generate, streaming invariants, UTF-8 and stop strings."""
 
+from collections import deque
+
 import pytest
 import torch
 
@@ -16,10 +18,7 @@ def hf(model, prompt, **kw):
 
 
 def ours(model, prompt, gen):
-    st = None
-    for st in iter_steps(model, prompt, gen, [2], 0):
-        pass
-    return st
+    return deque(iter_steps(model, prompt, gen, [2], 0), maxlen=1)[0]
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -75,9 +74,7 @@ def test_beam_sampling_runs_and_is_seeded(tiny_model):
 def test_left_padded_batch_equals_single(tiny_model):
     prompts = [PROMPT, PROMPT[:3], [5, 6, 7, 8, 9]]
     gen = GenArgs(max_new_tokens=12, repetition_penalty=1.0)
-    batch = None
-    for batch in iter_steps_batch(tiny_model, prompts, gen, [2], 0):
-        pass
+    batch = deque(iter_steps_batch(tiny_model, prompts, gen, [2], 0), maxlen=1)[0]
     for p, st in zip(prompts, batch):
         assert st.committed == ours(tiny_model, p, gen).committed
 

@@ -2,7 +2,6 @@ import os
 import subprocess
 import sys
 
-
 from chinese_vicuna.model.adapters import target_modules
 from chinese_vicuna.model.load import fix_special_tokens, load_tokenizer
 

@@ -97,7 +97,7 @@ def load_adapters(model, adapters: list[tuple[str, str]]):
 
     if not adapters:
         return model
-    for name, folder in adapters:
+    for _, folder in adapters:
         if not (Path(folder) / "adapter_config.json").exists():
             raise FileNotFoundError(f"{folder}: not an adapter folder (no adapter_config.json)")
     first_name, first_dir = adapters[0]

@@ -7,9 +7,9 @@ model config and generation config must agree with the tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import importlib.util
 from pathlib import Path
 
 import torch

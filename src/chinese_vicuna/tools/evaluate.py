@@ -35,8 +35,8 @@ def compare(
     template: str | None = None,
 ) -> dict[str, list[str]]:
     """Answers per column: ``base`` (no adapter) and one column per adapter, same decoding."""
-    from ..model.load import load_model_and_tokenizer
     from ..model.adapters import load_adapters
+    from ..model.load import load_model_and_tokenizer
 
     gen = gen or GenArgs()
     named = parse_adapter_specs(adapter_specs)
