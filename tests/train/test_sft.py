@@ -205,3 +205,16 @@ def test_bf16_autocast_training_keeps_adapter_fp32(tiny_model_dir, alpaca_file, 
     ls = losses(tmp_path / "bf16")
     assert ls[20] < ls[1]
     assert adapter(tmp_path / "bf16")[next(iter(adapter(tmp_path / "bf16")))].dtype == torch.float32
+
+
+def test_checkpoint_keep_limit_keeps_best_and_tensorboard(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+    out = tmp_path / "keep"
+    # keep the 2 newest checkpoints, plus the best one by validation loss wherever it is
+    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, out, max_steps=8, save_steps=2, eval_steps=2,
+                                      val_size=4, save_total_limit=2, report_to="tensorboard"))
+    t = run_training(cfg, progress_bar=False)
+    names = [p.name for p in list_checkpoints(out)]
+    best = f"checkpoint-{t.progress.best_step}"
+    assert names[-2:] == ["checkpoint-6", "checkpoint-8"]
+    assert best in names and len(names) == (2 if best in ("checkpoint-6", "checkpoint-8") else 3)
+    assert list((out / "runs").glob("events.out.tfevents.*"))
