@@ -53,47 +53,39 @@ def _read_text(path: Path) -> str:
 
 
 def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """Iterate a JSON array element by element, tracking each element's line number."""
+    """Iterate a JSON array element by element, tracking each element's line number.
+
+    A JSON object with a ``data`` list (a common export shape) is accepted too.
+    """
+    body = text.lstrip()
+    if not body.startswith("["):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            yield from ((f"{path}:item {k}", r) for k, r in enumerate(obj["data"]))
+            return
+        raise DataError(f"{path}:1: expected a JSON array of records (or JSONL, one record per line)")
     dec = json.JSONDecoder()
-    try:
-        i = text.index("[")
-    except ValueError:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            yield from ((f"{path}:item {k}", r) for k, r in enumerate(obj["data"]))
-            return
-        raise DataError(f"{path}:1: expected a JSON array of records (or JSONL, one record per line)") from None
-    if text[:i].strip():
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            yield from ((f"{path}:item {k}", r) for k, r in enumerate(obj["data"]))
-            return
-        raise DataError(f"{path}:1: expected a JSON array of records")
-    pos, line, counted = i + 1, 1, 0
+    pos = len(text) - len(body) + 1
+    line, counted = 1, 0  # lines are counted incrementally: large files stay linear
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text):
             raise DataError(f"{path}:{text.count(chr(10)) + 1}: invalid JSON: the array is not closed with ']'")
-        if text[pos] == "]":
-            if text[pos + 1 :].strip():
-                line = text.count("\n", 0, pos) + 1
-                raise DataError(f"{path}:{line}: invalid JSON: extra data after the array")
-            return
         line += text.count("\n", counted, pos)
         counted = pos
+        if text[pos] == "]":
+            if text[pos + 1 :].strip():
+                raise DataError(f"{path}:{line}: invalid JSON: extra data after the array")
+            return
         try:
-            obj, end = dec.raw_decode(text, pos)
+            obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         yield f"{path}:{line}", obj
-        pos = end
 
 
 _SUFFIXES = (".json", ".jsonl", ".parquet", ".txt", ".csv")
