@@ -23,6 +23,10 @@ def test_imported_folder_matches_gguf_logits():
     model, tok = load_model_and_tokenizer(None, dtype="float32")
     ids = tok("介绍一下长城。", return_tensors="pt").input_ids
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    # a .gguf file is accepted as base_model directly too
+    direct, direct_tok = load_model_and_tokenizer(str(gguf), dtype="float32")
+    assert direct_tok("介绍一下长城。").input_ids == ids[0].tolist()
+    torch.testing.assert_close(direct(ids).logits, ref(ids).logits)
     assert tok.pad_token_id != tok.eos_token_id
     assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
