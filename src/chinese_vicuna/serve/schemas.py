@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible API and their mapping onto ``Conversation``/``GenArgs``.
+"""The OpenAI wire format: request bodies -> ``Conversation``/``GenArgs``, events -> responses/chunks.
 
 Unknown fields are ignored, as OpenAI does. The mapping decisions (also in the README):
 
@@ -12,10 +12,18 @@ Unknown fields are ignored, as OpenAI does. The mapping decisions (also in the R
   choices computed once; with sampling every choice is its own run (seed ``seed + i``).
 - ``logprobs``, ``tools`` and non-text ``response_format`` are rejected (400): returning plain
   text instead would look like success to the client.
+- ``max_tokens`` omitted: chat gets the rest of the context (as OpenAI), text completions 16 (as
+  OpenAI's legacy endpoint). Prompt + ``max_tokens`` beyond the context is a 400 with the counts.
+- A chat reply's leading whitespace is dropped (templates end in ``:`` or a newline), identically
+  when streamed, so a stream always concatenates to the non-streamed reply.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -130,7 +138,7 @@ def parse_body(cls: type[_Body], data: Any) -> Any:
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}.", param=param) from None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function", "ChatMessage"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def check_unsupported(req: _Sampling) -> None:
@@ -215,3 +223,128 @@ def gen_args(req: _Sampling, max_new_tokens: int) -> GenArgs:
         length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
         seed=req.seed,
     )
+
+
+def prompt_ids(engine, prompt: str | list) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt of a text completion: strings, a token list, or a list of either."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    renderer, vocab = engine.renderer(), len(engine.tokenizer)
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            text, ids = p, renderer.bos + renderer.encode(p)
+        elif all(0 <= t < vocab for t in p):
+            text, ids = engine.tokenizer.decode(p), list(p)
+        else:
+            raise APIError(400, f"Token ids in prompt must be in [0, {vocab}).", param="prompt")
+        out.append((text, ids))
+    if not out or not all(ids for _, ids in out):
+        raise APIError(400, "The prompt must not be empty.", param="prompt")
+    return out
+
+
+def max_new_tokens(req: _Sampling, prompt_len: int, ctx: int, what: str, default: int | None = None) -> int:
+    """``max_tokens`` for a prompt, checked against the context length ``ctx`` (OpenAI's wording)."""
+    asked = req.requested_tokens
+    if asked is None:
+        if prompt_len < ctx:
+            return min(default or ctx, ctx - prompt_len)
+        msg = (f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in "
+               f"{prompt_len} tokens. Please reduce the length of the {what}.")
+    elif prompt_len + asked <= ctx:
+        return asked
+    else:
+        msg = (f"This model's maximum context length is {ctx} tokens. However, you requested "
+               f"{prompt_len + asked} tokens ({prompt_len} in the {what}, {asked} in the completion). "
+               f"Please reduce the length of the {what} or completion.")
+    raise APIError(400, msg, param=what, code="context_length_exceeded")
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event, as OpenAI sends them."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Reply:
+    """Turns generation events into OpenAI's response body or chunk stream (chat or text completion).
+
+    Events: ``("delta", indices, text)``, ``("finish", indices, reason, tokens)``, ``("error", [], message)``.
+    """
+
+    def __init__(self, req: _Sampling, prompt_tokens: int, *, chat: bool, prefixes: list[str]):
+        self.req, self.prompt_tokens, self.chat, self.prefixes = req, prompt_tokens, chat, prefixes
+        self.n = len(prefixes)
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._started: set[int] = set()
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model,
+                "system_fingerprint": None}
+
+    def _text(self, i: int, text: str) -> str:
+        # Chat templates end with ':' or a newline and models answer " ..."; drop that leading space
+        # (in both modes, so a stream concatenates to exactly the non-streamed reply).
+        if not self.chat or i in self._started:
+            return text
+        text = text.lstrip()
+        if text:
+            self._started.add(i)
+        return text
+
+    async def collect(self, events: AsyncIterator[tuple]) -> dict:
+        texts, finish, tokens = list(self.prefixes), [None] * self.n, 0
+        async for kind, indices, *data in events:
+            if kind == "error":
+                raise APIError(500, data[0], type="server_error")
+            for i in indices:
+                if kind == "delta":
+                    texts[i] += self._text(i, data[0])
+                else:
+                    finish[i], tokens = data[0], tokens + data[1]
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finish))]
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return {**head, "choices": choices, "usage": usage(self.prompt_tokens, tokens)}
+
+    async def stream(self, events: AsyncIterator[tuple]) -> AsyncIterator[str]:
+        with_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        head = self._head("chat.completion.chunk" if self.chat else "text_completion")
+
+        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False) -> str:
+            if self.chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            # With include_usage, OpenAI sends "usage": null on every chunk but the last.
+            return sse({**head, "choices": [choice], **({"usage": None} if with_usage else {})})
+
+        tokens = 0
+        for i, prefix in enumerate(self.prefixes):
+            if self.chat:
+                yield chunk(i, None, role=True)
+            elif prefix:  # echo
+                yield chunk(i, prefix)
+        async for kind, indices, *data in events:
+            if kind == "error":
+                yield sse(APIError(500, data[0], type="server_error").body())
+                break
+            for i in indices:
+                if kind == "finish":
+                    tokens += data[1]
+                    yield chunk(i, None, data[0])
+                elif text := self._text(i, data[0]):
+                    yield chunk(i, text)
+        if with_usage:
+            yield sse({**head, "choices": [], "usage": usage(self.prompt_tokens, tokens)})
+        yield "data: [DONE]\n\n"

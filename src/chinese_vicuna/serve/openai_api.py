@@ -1,0 +1,390 @@
+"""OpenAI-compatible HTTP API over an ``Engine``: /v1/models, /v1/chat/completions, /v1/completions.
+
+A request is validated and tokenized on the event loop, then admitted: at most ``max_concurrency``
+requests generate and at most ``max_queue`` wait (FIFO); anything beyond gets 429 at once rather
+than hanging. An admitted request runs ``engine.stream`` in a worker thread (the engine lock
+serialises the model) and hands text deltas to the loop through an ``asyncio.Queue``. A client
+that goes away -- while queued, while streaming, or while waiting for a non-streamed answer --
+sets its job's cancel flag: the token loop stops within one token, and the slot is freed when the
+worker thread returns, never earlier, so the next request does not queue behind a ghost.
+
+Requests are not batched together: rows of a left-padded batch do not give bit-identical greedy
+results to a single run, and every request may pick its own adapter, stops and sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data.templates import PromptTemplate, TemplateError
+from ..generation.decode import GenArgs
+from .schemas import (
+    MAX_N,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    check_unsupported,
+    gen_args,
+    max_new_tokens,
+    parse_body,
+    prompt_ids,
+    to_conversation,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+_RAW = PromptTemplate()
+"""Text completions have no template, so none of its stop strings apply."""
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request was admitted."""
+
+
+@dataclass
+class Task:
+    ids: list[int]
+    gen: GenArgs
+    indices: list[int]
+    """The choices that receive this text (several when deterministic decoding is shared)."""
+
+
+def plan(prompts: list[list[int]], gen: GenArgs, n: int) -> list[Task]:
+    """Generations for ``n`` choices per prompt; choice ``p * n + i`` belongs to prompt ``p``."""
+    tasks = []
+    for p, ids in enumerate(prompts):
+        if not gen.do_sample:  # greedy / beam search: all n choices are the same text; compute it once
+            tasks.append(Task(ids, gen, list(range(p * n, p * n + n))))
+            continue
+        for i in range(n):
+            seed = None if gen.seed is None else gen.seed + i
+            tasks.append(Task(ids, replace(gen, seed=seed), [p * n + i]))
+    return tasks
+
+
+class Admission:
+    """At most ``concurrency`` requests generate and ``queue`` wait (FIFO); beyond that, 429 at once."""
+
+    def __init__(self, concurrency: int, queue: int):
+        self.concurrency, self.queue = concurrency, queue
+        self.active = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self._waiters)
+
+    def enter(self) -> asyncio.Future:
+        """A future that is done once the caller holds a slot; raises a 429 APIError if the queue is full."""
+        slot = asyncio.get_running_loop().create_future()
+        if self.active < self.concurrency and not self.waiting:
+            self.active += 1
+            slot.set_result(None)
+        elif self.waiting >= self.queue:
+            raise APIError(
+                429,
+                f"The server is busy ({self.active} requests generating, {self.waiting} queued, "
+                f"max queue {self.queue}). Retry later.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        else:
+            self._waiters.append(slot)
+        return slot
+
+    def leave(self, slot: asyncio.Future) -> None:
+        """Give a held slot back (to the next waiter), or withdraw from the queue."""
+        if slot.done() and not slot.cancelled():
+            while self._waiters:
+                nxt = self._waiters.popleft()
+                if not nxt.done():
+                    nxt.set_result(None)  # the slot passes on: ``active`` stays the same
+                    return
+            self.active -= 1
+        else:
+            slot.cancel()
+            if slot in self._waiters:
+                self._waiters.remove(slot)
+
+
+class Job:
+    """One request's generation: ``run`` in a worker thread; events are read with ``async for``.
+
+    Events: ``("delta", indices, text)``, ``("finish", indices, reason, tokens)``, ``("error", [], message)``.
+    """
+
+    def __init__(self, engine, tasks: list[Task], *, adapter: str | None, stops: list[str], template):
+        self.engine, self.tasks, self.adapter, self.stops, self.template = engine, tasks, adapter, stops, template
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._stop = threading.Event()
+        self.generated = 0
+        self.interrupted = False
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def _emit(self, event: tuple | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody listens any more
+            self._stop.set()
+
+    def run(self) -> None:
+        try:
+            for task in self.tasks:
+                if self._stop.is_set():
+                    self.interrupted = True
+                    break
+                stream = self.engine.stream(
+                    task.ids, task.gen, adapter=self.adapter, stop_strings=self.stops,
+                    template=self.template, cancel=self._stop.is_set,
+                )
+                try:
+                    for delta in stream:
+                        self._emit(("delta", task.indices, delta))
+                finally:
+                    self.generated += stream.completion_tokens
+                if stream.finish_reason == "cancelled":
+                    self.interrupted = True
+                    break
+                self._emit(("finish", task.indices, stream.finish_reason, stream.completion_tokens))
+        except Exception as e:
+            log.exception("generation failed")
+            self._emit(("error", [], f"Generation failed: {type(e).__name__}: {e}"))
+            raise
+        finally:
+            self._emit(None)
+
+    async def __aiter__(self) -> AsyncIterator[tuple]:
+        while (event := await self.events.get()) is not None:
+            yield event
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is read, so ``receive`` only answers that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that cancels its job however it ends: finished, client gone, or error."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()  # a no-op when the job already ended
+
+
+class Server:
+    """What the endpoints share: the engine, admission, worker threads and counters."""
+
+    def __init__(self, engine, *, api_key: str | None, max_concurrency: int, max_queue: int, max_body_bytes: int):
+        self.engine, self.api_key, self.max_body = engine, api_key, max_body_bytes
+        self.admission = Admission(max_concurrency, max_queue)
+        self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="generate")
+        self.jobs: set[Job] = set()
+        self.created = int(time.time())
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+
+    def health(self) -> dict:
+        return {"status": "ok", "active": self.admission.active, "waiting": self.admission.waiting, **self.counters}
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return
+        msg = "Incorrect API key provided." if token else (
+            "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+        )
+        raise APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def model_cards(self) -> list[dict]:
+        base = self.engine.name
+        card = {"object": "model", "created": self.created, "owned_by": "chinese-vicuna", "root": base}
+        return [{"id": base, **card, "parent": None}] + [{"id": a, **card, "parent": base} for a in self.engine.adapters]
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a ``model`` name selects (``None``: the bare base); unknown names are a 404."""
+        if model in self.engine.adapters:
+            return model
+        if model in (self.engine.name, "base"):
+            return None
+        names = ", ".join([self.engine.name, *self.engine.adapters])
+        raise APIError(404, f"The model '{model}' does not exist. Available models: {names}.",
+                       param="model", code="model_not_found")
+
+    async def read_json(self, request: Request) -> Any:
+        too_large = APIError(413, f"The request body is larger than {self.max_body} bytes.", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():  # chunked uploads have no length header: count
+            body += chunk
+            if len(body) > self.max_body:
+                raise too_large
+        try:
+            return json.loads(bytes(body))
+        except ValueError as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
+
+    async def launch(self, request: Request, job: Job) -> None:
+        """Wait for a slot (429 if the queue is full; leave the queue if the client goes), then run."""
+        slot = self.admission.enter()
+        if not slot.done():
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                self.admission.leave(slot)
+                raise
+            finally:
+                gone.cancel()
+            if not slot.done():
+                self.admission.leave(slot)
+                raise _ClientGone
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.pool, job.run)
+        except BaseException:
+            self.admission.leave(slot)
+            raise
+        self.jobs.add(job)
+        future.add_done_callback(lambda f: self._finished(job, slot, f))
+
+    def _finished(self, job: Job, slot: asyncio.Future, future: asyncio.Future) -> None:
+        self.jobs.discard(job)
+        self.admission.leave(slot)
+        self.counters["generated_tokens"] += job.generated
+        failed = future.cancelled() or future.exception() is not None
+        self.counters["failed" if failed else "cancelled" if job.interrupted else "completed"] += 1
+
+
+async def _respond(request: Request, job: Job, reply: Reply) -> Any:
+    """The SSE stream, or the whole response -- cancelling the job if the client leaves meanwhile."""
+    if reply.req.stream:
+        return _EventStream(reply.stream(aiter(job)), job)
+    gone = asyncio.ensure_future(_disconnected(request))
+    gone.add_done_callback(lambda f: f.cancelled() or job.cancel())
+    try:
+        return await reply.collect(aiter(job))
+    finally:
+        gone.cancel()
+        job.cancel()  # a no-op when it finished; stops it when this handler is cancelled (shutdown)
+
+
+def create_app(
+    engine,
+    *,
+    api_key: str | None = None,
+    max_concurrency: int = 1,
+    max_queue: int = 64,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app serving ``engine`` (base model + adapters, each a ``model`` name)."""
+    server = Server(engine, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
+                    max_body_bytes=max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for job in list(server.jobs):
+            job.cancel()
+        server.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="chinese-vicuna", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        msg = f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        body = APIError(500, f"Internal server error: {type(exc).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return server.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        server.authorize(request)
+        return {"object": "list", "data": server.model_cards()}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict:
+        server.authorize(request)
+        want = server.adapter_for(model) or engine.name
+        return next(c for c in server.model_cards() if c["id"] == want)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        server.authorize(request)
+        req = parse_body(ChatRequest, await server.read_json(request))
+        adapter = server.adapter_for(req.model)
+        check_unsupported(req)
+        try:
+            ids = engine.prompt_ids(to_conversation(req.messages))
+        except TemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        gen = gen_args(req, max_new_tokens(req, len(ids), engine.context_length, "messages"))
+        job = Job(engine, plan([ids], gen, req.choices), adapter=adapter, stops=req.stop_strings(), template=None)
+        await server.launch(request, job)
+        return await _respond(request, job, Reply(req, len(ids), chat=True, prefixes=[""] * req.choices))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        server.authorize(request)
+        req = parse_body(CompletionRequest, await server.read_json(request))
+        adapter = server.adapter_for(req.model)
+        check_unsupported(req)
+        prompts = prompt_ids(engine, req.prompt)
+        if len(prompts) * req.choices > 8 * MAX_N:
+            raise APIError(400, f"At most {8 * MAX_N} choices (prompts x n) per request.", param="prompt")
+        # OpenAI's default max_tokens for text completions is 16.
+        gen = gen_args(req, max_new_tokens(req, max(len(ids) for _, ids in prompts), engine.context_length, "prompt", default=16))
+        job = Job(engine, plan([ids for _, ids in prompts], gen, req.choices), adapter=adapter,
+                  stops=req.stop_strings(), template=_RAW)
+        await server.launch(request, job)
+        prefixes = [text if req.echo else "" for text, _ in prompts for _ in range(req.choices)]
+        return await _respond(request, job, Reply(req, sum(len(ids) for _, ids in prompts), chat=False,
+                                                  prefixes=prefixes))
+
+    return app
