@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # The web UI test drives Debian's Chromium through Playwright (no browser download needed).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	@{ command -v chromium && fc-list | grep -qi wqy; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; } \
 		|| echo "warning: chromium not installed; the web UI browser test will be skipped"
 
 # Idempotent: `import` returns at once when the converted folder is already there.

@@ -9,6 +9,7 @@ polls the stream and redraws, which also throttles the updates the browser has t
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -109,9 +110,8 @@ class WebChat:
     def _status(stream, running: bool = False) -> str:
         if running:
             return f"generating… {stream.completion_tokens} tokens"
-        reason = {"cancelled": "stopped", "stop": "finished", "length": "max new tokens reached"}.get(
-            stream.finish_reason, stream.finish_reason
-        )
+        reasons = {"cancelled": "stopped", "stop": "finished", "length": "max new tokens reached"}
+        reason = reasons.get(stream.finish_reason, "finished")
         note = ""
         if stream.trim.dropped_turns or stream.trim.shortened_turn:
             note = f" · memory: {stream.trim.dropped_turns} oldest turn(s) left out"
@@ -123,7 +123,15 @@ class WebChat:
     def _stream(self, session: ChatSession, stream, user: str) -> Iterator[tuple]:
         import gradio as gr
 
-        worker = threading.Thread(target=stream.run, name="webui-reply", daemon=True)
+        failed: list[Exception] = []
+
+        def work() -> None:
+            try:
+                stream.run()
+            except Exception as e:  # shown in the page; the thread must not die silently
+                failed.append(e)
+
+        worker = threading.Thread(target=work, name="webui-reply", daemon=True)
         worker.start()
         try:
             first = True
@@ -136,7 +144,10 @@ class WebChat:
         finally:
             if worker.is_alive():  # the handler was abandoned (tab closed): end the reply too
                 session.stop()
-        yield messages(session.history), session, gr.skip(), self._status(stream), self.save_file(session)
+        if failed:
+            gr.Warning(f"generation failed: {failed[0]}")
+        status = f"error: generation failed: {failed[0]}" if failed else self._status(stream)
+        yield messages(session.history), session, gr.skip(), status, self.save_file(session)
 
     def _refused(self, session: ChatSession, error: Exception, message=None) -> Iterator[tuple]:
         import gradio as gr
@@ -207,7 +218,7 @@ def build_ui(chat: WebChat):
                                      feedback_options=None, latex_delimiters=[])
                 with gr.Row():
                     box = gr.Textbox(placeholder="输入消息，Enter 发送，Shift+Enter 换行 / Type a message",
-                                     show_label=False, lines=2, max_lines=8, scale=5, elem_id="message")
+                                     show_label=False, lines=1, max_lines=8, scale=5, elem_id="message")
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -218,14 +229,17 @@ def build_ui(chat: WebChat):
                 status = gr.Markdown("ready", elem_id="status")
             with gr.Column(scale=1):
                 adapter = gr.Dropdown([*eng.adapters, "base"], value=proto.adapter, label="Adapter",
-                                      visible=bool(eng.adapters))
-                template = gr.Radio(chat.templates(), value=proto.template.name, label="Prompt template")
-                system = gr.Textbox(proto.system or "", label="System prompt", lines=3,
+                                      visible=bool(eng.adapters), elem_id="set-adapter")
+                template = gr.Radio(chat.templates(), value=proto.template.name, label="Prompt template",
+                                    elem_id="set-template")
+                system = gr.Textbox(proto.system or "", label="System prompt", lines=3, elem_id="set-system",
                                     placeholder=proto.effective_system or "(none)")
-                do_sample = gr.Checkbox(proto.gen.do_sample, label="Sampling (off: greedy / beam search)")
+                do_sample = gr.Checkbox(proto.gen.do_sample, label="Sampling (off: greedy / beam search)",
+                                        elem_id="set-do_sample")
                 current = proto.settings()
                 sliders = [
-                    gr.Slider(lo, chat.slider_max(name, hi), value=current[name] or 0, step=step, label=label)
+                    gr.Slider(lo, chat.slider_max(name, hi), value=current[name] or 0, step=step, label=label,
+                              elem_id=f"set-{name}")
                     for name, label, lo, hi, step in SLIDERS
                 ]
         controls = [*sliders, do_sample, template, system, adapter]
@@ -239,6 +253,7 @@ def build_ui(chat: WebChat):
         stop.click(chat.stop, [state], None, queue=False, show_progress="hidden")
         undo.click(chat.undo, [state], [chatbot, state, status, save], show_progress="hidden")
         clear.click(chat.clear, [state], [chatbot, state, status, save], show_progress="hidden")
+        chatbot.clear(chat.clear, [state], [chatbot, state, status, save], show_progress="hidden")  # its trash icon
     return demo
 
 
@@ -258,10 +273,17 @@ def launch(session: ChatSession, host: str = "127.0.0.1", port: int = 7860,
                     show_error=True, ssr_mode=False, prevent_thread_lock=True, allowed_paths=[str(files)],
                     footer_links=["gradio", "settings"], theme=theme)
         print(f"web UI at http://{host}:{port} (Ctrl-C stops)", flush=True)
+        # SIGTERM (service managers, test harnesses) stops as cleanly as Ctrl-C does.
+        done = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: done.set())
         try:
-            demo.block_thread()
+            while not done.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            demo.close()
     finally:
         shutil.rmtree(files, ignore_errors=True)
     return 0

@@ -1,0 +1,146 @@
+"""``chinese-vicuna chat`` (terminal) and ``chinese-vicuna webui`` (Gradio): flags and entry points.
+
+Only argparse is imported at module level: this module is loaded for every ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from ..config import ConfigError
+
+# Same defaults as generation.decode.GenArgs (a test checks they agree); importing GenArgs here
+# would pull torch into every `--help`.
+DECODING_DEFAULTS = {
+    "max_new_tokens": 128,
+    "min_new_tokens": 0,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 40,
+    "num_beams": 1,
+    "repetition_penalty": 1.1,
+    "no_repeat_ngram_size": 0,
+}
+
+
+def register(subparsers, groups) -> None:
+    """Add the ``chat`` and ``webui`` commands."""
+    p = subparsers.add_parser(
+        "chat",
+        help="terminal chat with base model + adapters (streaming, /commands, Ctrl-C stops a reply)",
+        description="Multi-turn chat in the terminal. Type /help inside for the commands.",
+    )
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser(
+        "webui",
+        help="browser chat UI (Gradio) with sliders for every decoding setting",
+        description="A Gradio chat UI on 127.0.0.1 (streaming, Stop / Undo / Regenerate / Clear / Save).",
+    )
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.set_defaults(func=cmd_webui)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="base model (default: the base recorded with the first adapter, else the embedded SmolLM2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="adapter folder, optionally named; repeatable (the first one answers)")
+    p.add_argument("--template", default=None,
+                   help="alpaca, vicuna-chat or auto (default: the template saved with the adapter)")
+    p.add_argument("--system", default=None, help="system prompt / global instruction")
+    p.add_argument("--max-memory", type=int, default=None,
+                   help="token budget of the prompt (history is trimmed to it; default: the model context)")
+    p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--backend", default="hf", choices=["hf", "llama.cpp"],
+                   help="hf: transformers + peft; llama.cpp: a GGUF model via llama-cpp-python")
+    g = p.add_argument_group("decoding")
+    d = DECODING_DEFAULTS
+    g.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    g.add_argument("--min-new-tokens", type=int, default=d["min_new_tokens"])
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy / beam search)")
+    g.add_argument("--temperature", type=float, default=d["temperature"])
+    g.add_argument("--top-p", type=float, default=d["top_p"])
+    g.add_argument("--top-k", type=int, default=d["top_k"])
+    g.add_argument("--num-beams", type=int, default=d["num_beams"])
+    g.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    g.add_argument("--no-repeat-ngram-size", type=int, default=d["no_repeat_ngram_size"])
+    g.add_argument("--seed", type=int, default=None)
+
+
+def load_engine(args: argparse.Namespace):
+    """The generation backend for ``--backend``: the one place where a new backend is wired in."""
+    if args.backend == "llama.cpp":
+        try:
+            from ..tools.gguf import LlamaCppBackend  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                f"--backend llama.cpp needs chinese_vicuna.tools.gguf.LlamaCppBackend, which is not available "
+                f"({e}); use --backend hf"
+            ) from e
+        raise ConfigError("--backend llama.cpp is not wired into chat/webui yet; use --backend hf")
+    from ..generation.engine import Engine
+
+    return Engine.load(args.model, args.adapter, template=args.template, quantization=args.quantization)
+
+
+def make_session(args: argparse.Namespace, engine=None):
+    """A ChatSession from the flags (every setting goes through ``ChatSession.set``'s checks)."""
+    from .session import ChatError, ChatSession
+
+    session = ChatSession(engine if engine is not None else load_engine(args), system=args.system)
+    values = {k: getattr(args, k) for k in DECODING_DEFAULTS}
+    values.update(do_sample=args.do_sample, seed=args.seed, max_memory=args.max_memory)
+    try:
+        for key, value in values.items():
+            session.set(key, value)
+        session.budget()
+    except ChatError as e:
+        raise ConfigError(str(e)) from None
+    return session
+
+
+def _title(session) -> str:
+    eng = session.engine
+    return (f"chinese-vicuna chat: {eng.name}" + (f" + {session.adapter}" if eng.adapters else "")
+            + f", template {session.template.name}")
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    from .repl import run
+
+    session = make_session(args)
+    return run(session, _title(session))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth: expected USER:PASS")
+    return user, password
+
+
+def cmd_webui(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..serve.webui import launch
+
+    auth = parse_auth(args.auth)
+    if not _is_loopback(args.host) and auth is None:
+        print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it",
+              file=sys.stderr)
+    session = make_session(args)  # checks the flags and loads the model once
+    return launch(session, host=args.host, port=args.port, auth=auth)
