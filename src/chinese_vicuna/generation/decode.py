@@ -263,10 +263,15 @@ class TextStream:
     ``prompt_tokens`` and ``completion_tokens``.
     """
 
-    def __init__(self, model, tokenizer, prompt_ids: list[int], gen: GenArgs, stop_strings=(), cancel=None):
+    def __init__(
+        self, model, tokenizer, prompt_ids: list[int], gen: GenArgs, stop_strings=(), cancel=None, steps=None
+    ):
         self.model, self.tokenizer, self.prompt_ids, self.gen = model, tokenizer, prompt_ids, gen
         self.stops = tuple(stop_strings)
         self.cancel = cancel
+        # Another token source (the llama.cpp backend) can stand in for the model: a callable
+        # returning an iterator of Step.
+        self.steps = steps
         self.text = self.best_text = ""
         self.finish_reason: str | None = None
         self.prompt_tokens = len(prompt_ids)
@@ -276,7 +281,10 @@ class TextStream:
         tok = self.tokenizer
         dec, stop = IncrementalDecoder(tok), StopFilter(self.stops)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        steps = iter_steps(self.model, self.prompt_ids, self.gen, eos_ids(self.model, tok), pad, self.cancel)
+        if self.steps is not None:
+            steps = self.steps()
+        else:
+            steps = iter_steps(self.model, self.prompt_ids, self.gen, eos_ids(self.model, tok), pad, self.cancel)
         st = None
         for st in steps:
             delta = stop.push(dec.push(st.committed[len(dec.ids) :]))
@@ -296,7 +304,7 @@ class TextStream:
                 steps.close()
                 break
         else:
-            self.finish_reason = st.finish_reason if st is not None else "length"
+            self.finish_reason = (st.finish_reason if st is not None else None) or "length"
             tail = stop.push(dec.flush())
             tail += stop.flush()
             if stop.stopped:

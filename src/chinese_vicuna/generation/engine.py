@@ -87,7 +87,11 @@ class Engine:
         """A TextStream for the reply. Iterate it while holding ``engine.lock`` (see ``generate``)."""
         ids = conv if isinstance(conv, list) else self.prompt_ids(conv, template)
         stops = tuple((template or self.template).stop_strings) + tuple(stop_strings)
-        return _LockedStream(self, adapter, self.model, self.tokenizer, ids, gen, stops, cancel)
+        return _LockedStream(self, adapter, self.model, self.tokenizer, ids, gen, stops, cancel, self._steps(ids, gen))
+
+    def _steps(self, ids: list[int], gen: GenArgs):
+        """The token source: None = our decoder on ``self.model``."""
+        return None
 
     def generate(self, conv: Conversation | list[int], gen: GenArgs, **kwargs) -> TextStream:
         """Run to the end and return the finished stream (``.text``, ``.finish_reason``, counts)."""
@@ -107,3 +111,52 @@ class _LockedStream(TextStream):
         with self.engine.lock:
             self.engine.select(self.adapter)
             yield from super().__iter__()
+
+
+class LlamaCppEngine(Engine):
+    """The same Engine interface over a GGUF file run by llama.cpp on the CPU.
+
+    Prompts are rendered exactly as for the HF model (the GGUF's tokenizer, loaded through
+    transformers, has the same ids); llama.cpp only produces the tokens. Adapters must be merged
+    into the GGUF (``export-gguf --adapter``), so the only model is the file itself.
+    """
+
+    @classmethod
+    def load_gguf(
+        cls, path: str, *, template: str | None = None, system_prompt: str | None = None, n_ctx: int = 4096
+    ) -> LlamaCppEngine:
+        from pathlib import Path
+
+        from ..model.load import load_tokenizer
+        from ..tools.gguf import LlamaCppBackend
+
+        backend = LlamaCppBackend(path, n_ctx=n_ctx)
+        tok = load_tokenizer(path)
+        name = template or ("auto" if getattr(tok, "chat_template", None) else "alpaca")
+        return cls(backend, tok, get_template(name, tok, system_prompt), [], Path(path).stem)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.n_ctx)
+
+    def select(self, adapter: str | None) -> None:
+        if adapter not in (None, self.name, "base"):
+            raise KeyError(adapter)
+
+    def _steps(self, ids: list[int], gen: GenArgs):
+        from ..config import ConfigError
+        from .decode import Step
+
+        if gen.num_beams > 1:
+            raise ConfigError("beam search is not available with the llama.cpp backend; use --backend hf")
+        backend = self.model
+
+        def steps():
+            toks: list[int] = []
+            for tok in backend.iter_ids(ids, gen):
+                toks.append(tok)
+                end = backend.is_eog(tok)
+                done = end or len(toks) >= gen.max_new_tokens
+                yield Step(toks, toks, done, ("stop" if end else "length") if done else None)
+
+        return steps
