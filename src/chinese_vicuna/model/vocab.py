@@ -78,6 +78,15 @@ def read_texts(paths: Iterable[str]) -> list[str]:
     return texts
 
 
+def check_out_dir(out: str | os.PathLike, source: str | os.PathLike, marker: str) -> None:
+    """``out`` will be replaced as a whole: refuse the source folder itself or a folder that is not ours."""
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"{out}: the output folder must differ from the input folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise ConfigError(f"{out}: exists and holds no {marker}; refusing to replace it (choose a new --out)")
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only when the block succeeds."""
@@ -160,8 +169,10 @@ def sp_pieces(path: str | os.PathLike) -> list[str]:
     return [p.piece for p in _load_proto(path).pieces if p.type == normal]
 
 
-def merge_sentencepiece(base_model: str | os.PathLike, new_model: str | os.PathLike, out_file: str | os.PathLike) -> int:
-    """Append the new model's pieces missing from the base (score 0, as Chinese-LLaMA did); returns how many."""
+def merge_sentencepiece(
+    base_model: str | os.PathLike, new_model: str | os.PathLike, out_file: str | os.PathLike
+) -> int:
+    """Append the pieces of ``new_model`` the base lacks (score 0, as Chinese-LLaMA did); return the count."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     base = _load_proto(base_model)
@@ -199,7 +210,10 @@ def check_vocab_kept(old_tok, new_tok) -> None:
     moved = [(t, i, new_vocab.get(t)) for t, i in old_tok.get_vocab().items() if new_vocab.get(t) != i]
     if moved:
         t, i, j = moved[0]
-        raise DataError(f"the new tokenizer renumbers {len(moved)} old tokens (e.g. {t!r}: {i} -> {j}); expected old ids kept")
+        raise DataError(
+            f"the new tokenizer renumbers {len(moved)} old tokens (e.g. {t!r}: {i} -> {j}); "
+            "expected every old token to keep its id"
+        )
 
 
 def extend_tokenizer(base: str, sp_model: str, out_dir: str, method: str = "auto") -> ExtendResult:
@@ -217,20 +231,26 @@ def extend_tokenizer(base: str, sp_model: str, out_dir: str, method: str = "auto
     from .load import load_tokenizer
 
     base_dir = Path(base)
+    check_out_dir(out_dir, base, "tokenizer_config.json")
+    pieces = sp_pieces(sp_model)  # fail on a bad file before loading anything
     old = load_tokenizer(base)
     sp_file = _find_sp_file(base_dir)
     if method == "auto":
         method = "sp" if sp_file else "added"
     if method == "sp" and sp_file is None:
-        raise FileNotFoundError(f"{base_dir / SP_MODEL_FILE}: --method sp needs a SentencePiece tokenizer.model")
+        raise FileNotFoundError(
+            f"{base_dir / SP_MODEL_FILE}: --method sp needs a SentencePiece tokenizer.model"
+        )
     with atomic_dir(out_dir) as tmp:
         if method == "sp":
             # The HF tokenizer is rebuilt from the merged tokenizer.model, so tokenizer.json is left out.
             for f in base_dir.iterdir():
-                if f.is_file() and (f.name.startswith(("tokenizer_config", "special_tokens_map")) or f.suffix == ".jinja"):
+                if f.is_file() and (
+                    f.name.startswith(("tokenizer_config", "special_tokens_map")) or f.suffix == ".jinja"
+                ):
                     shutil.copy(f, tmp / f.name)
             added = merge_sentencepiece(sp_file, sp_model, tmp / SP_MODEL_FILE)
-            total = len(sp_pieces(sp_model))
+            total = len(pieces)
             new = AutoTokenizer.from_pretrained(str(tmp))
             skipped_ascii = 0
         else:
@@ -238,7 +258,7 @@ def extend_tokenizer(base: str, sp_model: str, out_dir: str, method: str = "auto
             seen: set[str] = set()
             todo: list[str] = []
             skipped_ascii = total = 0
-            for piece in sp_pieces(sp_model):
+            for piece in pieces:
                 text = piece.replace("\u2581", "")  # SentencePiece's word-start marker
                 if not text or text in seen:
                     continue
@@ -253,7 +273,9 @@ def extend_tokenizer(base: str, sp_model: str, out_dir: str, method: str = "auto
         new.save_pretrained(str(tmp))
         result = ExtendResult(method, len(old), len(new), added, total - added - skipped_ascii, skipped_ascii)
         info = {**asdict(result), "base": str(base), "sp_model": str(sp_model)}
-        (tmp / "vocab_extension.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "vocab_extension.json").write_text(
+            json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8"
+        )
     return result
 
 
@@ -262,7 +284,10 @@ def token_report(old_tok, new_tok, texts: list[str]) -> dict[str, Any]:
     chars = sum(count_chinese(t) for t in texts)
     rows = {}
     for name, tok in (("base", old_tok), ("new", new_tok)):
-        n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in tqdm(texts, desc=f"tokenizing ({name})", leave=False))
+        n = sum(
+            len(tok(t, add_special_tokens=False)["input_ids"])
+            for t in tqdm(texts, desc=f"tokenizing ({name})", leave=False)
+        )
         rows[name] = {
             "vocab_size": len(tok),
             "tokens": n,
@@ -310,7 +335,9 @@ def resize_model_embeddings(model, old_tokenizer, new_tokenizer, progress: bool 
     fallback = list(range(len(old_tokenizer)))  # nothing to split into: the mean of every old row
     with torch.no_grad():
         for i in tqdm(new_ids, desc="initialising new embeddings", disable=not progress, leave=False):
-            sub = [j for j in _sub_ids(old_tokenizer, new_tokenizer, i, added) if j < old_emb.shape[0]] or fallback
+            sub = [
+                j for j in _sub_ids(old_tokenizer, new_tokenizer, i, added) if j < old_emb.shape[0]
+            ] or fallback
             emb.weight[i] = old_emb[sub].mean(0).to(emb.weight.dtype)
             if old_head is not None:
                 head.weight[i] = old_head[sub].mean(0).to(head.weight.dtype)
@@ -318,11 +345,12 @@ def resize_model_embeddings(model, old_tokenizer, new_tokenizer, progress: bool 
 
 
 def resize_model_folder(base: str, tokenizer_dir: str, out_dir: str) -> tuple[Path, int]:
-    """Load ``base``, resize it to the tokenizer at ``tokenizer_dir``, save model + tokenizer to ``out_dir``."""
+    """Load ``base``, resize it to the tokenizer in ``tokenizer_dir``, save both to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
     from .load import ModelLoadError, _explain, fix_special_tokens, load_tokenizer
 
+    check_out_dir(out_dir, base, "config.json")
     old_tok, new_tok = load_tokenizer(base), load_tokenizer(tokenizer_dir)
     try:  # dtype "auto": keep the checkpoint's own precision
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")

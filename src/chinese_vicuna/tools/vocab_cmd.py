@@ -80,7 +80,11 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     for name in ("base", "new"):
         r = rep[name]
         table.add_row(
-            name, str(r["vocab_size"]), str(r["tokens"]), f"{r['tokens_per_chinese_char']:.3f}", f"{r['tokens_per_sample']:.1f}"
+            name,
+            str(r["vocab_size"]),
+            str(r["tokens"]),
+            f"{r['tokens_per_chinese_char']:.3f}",
+            f"{r['tokens_per_sample']:.1f}",
         )
     Console().print(table)
     print(f"reduction: {rep['reduction_pct']:.1f}% fewer tokens")
@@ -114,7 +118,9 @@ def register(subparsers, groups) -> None:
     q.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     q.add_argument("--character-coverage", type=float, default=0.9995)
     q.add_argument("--prefix", default="zh_sp", help="model file name prefix")
-    q.add_argument("--holdout", type=float, default=0.0, help="fraction of samples kept out, written to OUT/heldout.txt")
+    q.add_argument(
+        "--holdout", type=float, default=0.0, help="fraction of samples kept out, written to OUT/heldout.txt"
+    )
     q.add_argument("--seed", type=int, default=42, help="seeds the held-out choice")
     q.add_argument("--verbose", action="store_true", help="show sentencepiece's log")
     q.set_defaults(func=cmd_train)
@@ -139,7 +145,9 @@ def register(subparsers, groups) -> None:
     q.add_argument("--output", default=None, help="also write the numbers as JSON")
     q.set_defaults(func=cmd_report)
 
-    q = vsub.add_parser("resize", help="resize + initialise embeddings/lm_head for a new tokenizer; save a model folder")
+    q = vsub.add_parser(
+        "resize", help="resize + initialise embeddings/lm_head for a new tokenizer; save a model folder"
+    )
     q.add_argument("--base", default=None, help="base model folder (default: embedded SmolLM2)")
     q.add_argument("--tokenizer", required=True, help="extended tokenizer folder (from `vocab extend`)")
     q.add_argument("--out", required=True, help="output model folder (safetensors + tokenizer)")
