@@ -68,6 +68,8 @@ def attach_lora(
         modules_to_save=modules_to_save,
         bias="none",
         task_type="CAUSAL_LM",
+        # tied input/output embeddings (SmolLM2) stay one trained copy when both are in modules_to_save
+        ensure_weight_tying=bool(modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
     )
     return get_peft_model(model, config)
 
