@@ -37,3 +37,15 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def run_cli(*args, check: bool = True, env: dict | None = None):
+    """``python -m chinese_vicuna ARGS`` in a subprocess (the real entry point); asserts success by default."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

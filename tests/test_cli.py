@@ -1,21 +1,13 @@
 """Every command through the real entry point (subprocess), with its files and its errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as cli
 from helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["import"], ["data", "inspect"], ["generate"], ["eval", "compare"]])

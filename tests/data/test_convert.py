@@ -1,12 +1,11 @@
 """Domain recipes: cMedQA2 / Lawyer-LLaMA conversion, and continuing a general adapter on medical data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import SAMPLES
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import load_config
 from chinese_vicuna.data.convert import (
@@ -19,15 +18,6 @@ from chinese_vicuna.data.convert import (
 from chinese_vicuna.data.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SAMPLES, make_tiny_llama
+from helpers import run_cli as cli
 
 from chinese_vicuna.data.datasets import DataError
 from chinese_vicuna.tools.ceval import (
@@ -27,15 +26,6 @@ from chinese_vicuna.tools.perplexity import perplexity, window_spans
 ROOT = Path(__file__).resolve().parents[2]
 CEVAL = SAMPLES / "ceval"
 HEADER = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
-
-
-def cli(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 class PreferLetter(torch.nn.Module):

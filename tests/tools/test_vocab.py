@@ -3,13 +3,12 @@ continued pre-training of a resized model."""
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import SAMPLES, make_tiny_llama
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import load_config
 from chinese_vicuna.data.datasets import DataError
@@ -31,15 +30,6 @@ ENGLISH = [
     "Training on a laptop is slow, but small models and short sequences make it possible.",
     "Hello world, this is a test of the tokenizer with numbers like 12345 and 2024.",
 ] * 20
-
-
-def cli(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
