@@ -40,6 +40,7 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 bench: install
+	$(BIN)/python benchmarks/bench_infer.py
 	$(BIN)/python benchmarks/bench_train.py
 
 lint:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from .config import ConfigError, field_help
@@ -88,20 +89,23 @@ def _gen_args(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from tqdm.auto import tqdm
 
-    from .data.templates import get_template
-    from .data.tokenize import Renderer
     from .generation.decode import generate_batch, instruction_conversation
-    from .model.adapters import load_for_inference
+    from .generation.engine import LlamaCppEngine, load_engine
     from .tools.evaluate import read_prompts
 
     if not args.prompt and not args.input:
         raise ConfigError("generate: give --prompt TEXT or --input prompts.jsonl")
-    model, tok, meta = load_for_inference(args.model, args.adapter or [], quantization=args.quantization)
-    template = get_template(args.template or meta.get("template", "alpaca"), tok, meta.get("system_prompt"))
-    renderer = Renderer(tok, template, cutoff_len=model.config.max_position_embeddings)
+    engine = load_engine(args.backend, args.model, args.adapter or [], template=args.template,
+                         quantization=args.quantization)
     gen = _gen_args(args)
+
+    def answer(convs):
+        if isinstance(engine, LlamaCppEngine):  # one prompt at a time through llama.cpp
+            return [engine.generate(c, gen).text.strip() for c in convs]
+        return generate_batch(engine.model, engine.renderer(), convs, gen)
+
     if args.prompt:
-        print(generate_batch(model, renderer, [instruction_conversation(args.prompt)], gen)[0])
+        print(answer([instruction_conversation(args.prompt)])[0])
         return 0
     prompts = read_prompts(args.input)
     done: set[int] = set()
@@ -113,7 +117,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="generating", unit="batch"):
             chunk = todo[start : start + args.batch_size]
-            replies = generate_batch(model, renderer, [instruction_conversation(i, c) for _, (i, c) in chunk], gen)
+            replies = answer([instruction_conversation(i, c) for _, (i, c) in chunk])
             for (idx, (ins, ctx)), reply in zip(chunk, replies):
                 row = {"id": idx, "instruction": ins, "input": ctx, "output": reply}
                 if sink:
@@ -157,6 +161,8 @@ def _add_gen_flags(p: argparse.ArgumentParser) -> None:
 # the ``data`` and ``eval`` sub-command parsers) and adds parsers whose ``func(args, extra) -> int``
 # does the work; heavy imports stay inside ``func`` so that ``--help`` stays instant.
 COMMAND_MODULES: tuple[str, ...] = (
+    "serve.commands", "chat.commands",
+    "tools.vocab_cmd", "tools.ceval", "data.convert", "tools.model_cmds",
 )
 
 
@@ -205,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--template", default=None, help="override the template saved with the adapter")
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--backend", default="hf", choices=["hf", "llama.cpp"],
+                   help="llama.cpp: --model is a .gguf file (export-gguf), run on the CPU")
     _add_gen_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -224,14 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_error(e: BaseException) -> bool:
+    """Errors that mean "fix your input": printed as one line, exit code 2, no traceback.
+
+    The classes are looked up lazily so that ``--help`` never imports torch.
+    """
     from .data.datasets import DataError
     from .data.formats import RecordError
     from .data.templates import TemplateError
-    from .model.load import ModelLoadError
 
-    # bitsandbytes logs a warning about optional CPU kernels on every import; it is noise here.
+    kinds: tuple[type, ...] = (ConfigError, DataError, RecordError, TemplateError, FileNotFoundError)
+    load = sys.modules.get("chinese_vicuna.model.load")
+    if load is not None:
+        kinds += (load.ModelLoadError,)
+    return isinstance(e, kinds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes logs a warning about optional CPU kernels on every import, and peft trips a
+    # transformers deprecation warning when it loads an adapter: noise for our users.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
@@ -248,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except (ConfigError, DataError, RecordError, TemplateError, ModelLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

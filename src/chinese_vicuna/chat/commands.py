@@ -75,19 +75,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_engine(args: argparse.Namespace):
-    """The generation backend for ``--backend``: the one place where a new backend is wired in."""
-    if args.backend == "llama.cpp":
-        try:
-            from ..tools.gguf import LlamaCppBackend  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(
-                f"--backend llama.cpp needs chinese_vicuna.tools.gguf.LlamaCppBackend, which is not available "
-                f"({e}); use --backend hf"
-            ) from e
-        raise ConfigError("--backend llama.cpp is not wired into chat/webui yet; use --backend hf")
-    from ..generation.engine import Engine
+    """The generation backend for ``--backend`` (see ``generation.engine.load_engine``)."""
+    from ..generation.engine import load_engine as load
 
-    return Engine.load(args.model, args.adapter, template=args.template, quantization=args.quantization)
+    return load(args.backend, args.model, args.adapter, template=args.template, quantization=args.quantization)
 
 
 def make_session(args: argparse.Namespace, engine=None):

@@ -71,15 +71,13 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
+def penalty_processors(gen: GenArgs, prompt_len: int, eos: list[int]):
+    """transformers' repetition / no-repeat-ngram / min-new-tokens processors for ``gen``."""
     from transformers import (
         LogitsProcessorList,
         MinNewTokensLengthLogitsProcessor,
         NoRepeatNGramLogitsProcessor,
         RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
     )
 
     procs = LogitsProcessorList()
@@ -87,8 +85,15 @@ def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
         procs.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if gen.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
-    if gen.min_new_tokens:
+    if gen.min_new_tokens and eos:
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, gen.min_new_tokens, eos))
+    return procs
+
+
+def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = penalty_processors(gen, prompt_len, eos)
     if gen.do_sample:  # same order as transformers: penalties, then warpers
         if gen.temperature and gen.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(gen.temperature))

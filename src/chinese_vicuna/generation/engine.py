@@ -160,3 +160,35 @@ class LlamaCppEngine(Engine):
                 yield Step(toks, toks, done, ("stop" if end else "length") if done else None)
 
         return steps
+
+
+def load_engine(
+    backend: str,
+    model: str | None,
+    adapters: list[str] | None = None,
+    *,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    quantization: str = "none",
+) -> Engine:
+    """The engine for ``--backend hf|llama.cpp``: the one place where backends are chosen.
+
+    Raises:
+        ConfigError: llama.cpp without a ``.gguf`` model, or with adapters (merge them into the GGUF).
+    """
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    if backend == "llama.cpp":
+        if not model or Path(model).suffix != ".gguf" or not Path(model).is_file():
+            raise ConfigError(
+                f"--backend llama.cpp needs --model FILE.gguf (got {model!r}); write one with "
+                "`chinese-vicuna export-gguf --adapter DIR --out FILE.gguf`"
+            )
+        if adapters:
+            raise ConfigError("--backend llama.cpp runs one GGUF file: merge adapters in with `export-gguf --adapter`")
+        return LlamaCppEngine.load_gguf(model, template=template, system_prompt=system_prompt)
+    if backend != "hf":
+        raise ConfigError(f"--backend: expected hf or llama.cpp, got {backend!r}")
+    return Engine.load(model, adapters, template=template, system_prompt=system_prompt, quantization=quantization)

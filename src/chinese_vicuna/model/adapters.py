@@ -134,6 +134,7 @@ def load_for_inference(base_model: str | None, adapter_specs: list[str], **load_
     base = base_model or meta.get("base_model")
     if base and not Path(base).exists() and meta.get("base_model") == base and base_model is None:
         base = None  # recorded path is gone (other machine): fall back to the embedded default
+    load_kwargs.setdefault("device_map", "auto")  # several GPUs share the layers; CPU without one
     model, tok = load_model_and_tokenizer(base, **load_kwargs)
     if adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists():
         from .load import load_tokenizer

@@ -163,8 +163,12 @@ def load_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     device: str | None = None,
+    device_map: str | None = None,
 ):
-    """Load a causal LM for training or inference (quantized with bitsandbytes if asked)."""
+    """Load a causal LM for training or inference (quantized with bitsandbytes if asked).
+
+    ``device_map="auto"`` (inference) spreads the layers over every visible GPU, then the CPU.
+    """
     from transformers import AutoModelForCausalLM
 
     from .quantize import bnb_config
@@ -176,6 +180,8 @@ def load_model(
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    elif device_map and torch.cuda.is_available():
+        kwargs["device_map"] = device_map
     p = Path(path)
     try:
         if p.suffix == ".gguf":

@@ -56,19 +56,11 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def load_backend(args: argparse.Namespace):
-    """The engine behind the server: ours (transformers + peft), or llama.cpp once it is wired."""
-    if args.backend == "llama.cpp":
-        try:
-            from ..tools.gguf import LlamaCppBackend  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(
-                f"--backend llama.cpp needs chinese_vicuna.tools.gguf.LlamaCppBackend ({e}); use --backend hf"
-            ) from e
-        raise ConfigError("--backend llama.cpp is not wired into `serve` yet; use --backend hf")
-    from ..generation.engine import Engine
+    """The engine behind the server: ours (transformers + peft) or llama.cpp on a GGUF file."""
+    from ..generation.engine import load_engine
 
-    return Engine.load(args.model, args.adapter, template=args.template, system_prompt=args.system_prompt,
-                       quantization=args.quantization)
+    return load_engine(args.backend, args.model, args.adapter, template=args.template,
+                       system_prompt=args.system_prompt, quantization=args.quantization)
 
 
 def vllm_command(args: argparse.Namespace, extra: list[str] = ()) -> list[str]:

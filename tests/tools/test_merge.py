@@ -1,0 +1,177 @@
+"""`merge`: stacked adapters on all seven projections + modules_to_save, in memory and streamed.
+
+The reference is peft itself with both adapters active at once and nothing merged, so the merged
+weights are checked against the un-merged forward pass, not against another merge.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tiny_llama
+
+from chinese_vicuna.config import ConfigError
+from chinese_vicuna.tools.merge import merge_adapters, parse_size, read_adapter, weight_files
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[1, 17, 305, 4021, 9, 77, 31000, 12, 5, 6]])
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: syncing two intra-op threads costs more than it saves (100x on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, r: int, modules_to_save=None, **kw) -> Path:
+    """A peft LoRA adapter with random (non-zero) lora_B and, if asked, a changed modules_to_save copy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kw)
+    torch.manual_seed(seed)  # lora_A is drawn by get_peft_model
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model saved in several safetensors shards, so the streaming merge crosses shards."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("sharded-base")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(d, max_shard_size="2MB")
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            (d / f.name).write_bytes(f.read_bytes())
+    assert len(weight_files(d)) >= 3
+    return d
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, sharded_base) -> tuple[Path, Path]:
+    """Adapter 1 (r=4, all projections + lm_head copy) and adapter 2 (r=2, rsLoRA, alpha pattern)."""
+    root = tmp_path_factory.mktemp("adapters")
+    a1 = make_adapter(sharded_base, root / "plus", seed=1, r=4, modules_to_save=["lm_head"])
+    a2 = make_adapter(sharded_base, root / "alpaca", seed=2, r=2, use_rslora=True, alpha_pattern={"down_proj": 16})
+    (a2 / "chinese_vicuna.json").write_text(json.dumps({"template": "vicuna-chat", "base_model": "x"}), encoding="utf-8")
+    return a1, a2
+
+
+def reference_logits(base_dir: Path, adapter_dirs: list[Path]) -> torch.Tensor:
+    """Base + adapters through peft with every adapter active and nothing merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
+    for i, d in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def merged_logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder)(IDS).logits
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["peft", "low-memory"])
+def test_two_stacked_adapters_match_unmerged_peft(tmp_path, sharded_base, adapters, low_memory):
+    out = merge_adapters(str(sharded_base), [str(a) for a in adapters], tmp_path / "merged", low_memory=low_memory, max_shard_size="1MB")
+    ref = reference_logits(sharded_base, list(adapters))
+    got = merged_logits(out)
+    base = merged_logits(sharded_base)
+    assert (ref - base).abs().max() > 1.0  # the adapters really change the model
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got - ref).abs().max()
+    # sharded output + index, tokenizer with its chat template, generation config, template meta
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
+    meta = json.loads((out / "chinese_vicuna.json").read_text())
+    assert meta["template"] == "vicuna-chat" and "base_model" not in meta
+    assert meta["merged_from"]["adapters"] == [str(a) for a in adapters]
+    assert not (tmp_path / "merged.tmp").exists()
+
+
+def test_every_target_module_is_merged(tmp_path, sharded_base, adapters):
+    """All 7 projections of both layers move (the seed merged q/v only), lm_head is the saved copy."""
+    from safetensors.torch import load_file
+
+    out = merge_adapters(str(sharded_base), [str(adapters[0])], tmp_path / "m", low_memory=True)
+    merged = load_file(str(out / "model.safetensors"))
+    base = {}
+    for f in weight_files(sharded_base):
+        base.update(load_file(str(f)))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    expected = {f"model.layers.{i}.{blk}.{p}.weight" for i in range(2) for p in PROJ
+                for blk in (["self_attn"] if p in PROJ[:4] else ["mlp"])}
+    assert changed == expected | {"lm_head.weight"}
+    saved = read_adapter(str(adapters[0]))
+    assert torch.equal(merged["lm_head.weight"], saved.replace["lm_head.weight"])
+    d = saved.deltas["model.layers.1.mlp.down_proj.weight"]
+    assert d.scale == 2.0 and d.a.shape == (4, 64)
+
+
+def test_single_adapter_from_conftest_both_modes_agree(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    a = merge_adapters(str(tiny_model_dir), [str(tiny_adapter_dir)], tmp_path / "a")
+    b = merge_adapters(None, [str(tiny_adapter_dir)], tmp_path / "b", low_memory=True)  # base from the meta file
+    ref = reference_logits(tiny_model_dir, [tiny_adapter_dir])
+    assert torch.allclose(merged_logits(a), ref, atol=1e-4, rtol=0)
+    assert torch.allclose(merged_logits(b), ref, atol=1e-4, rtol=0)
+
+
+def test_errors(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        merge_adapters(str(tiny_model_dir), [str(tmp_path)], tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        merge_adapters(str(tiny_model_dir), [str(tiny_adapter_dir)], tmp_path / "full")
+    # an adapter for another architecture: its weights are not in this base
+    other = make_tiny_llama(300, hidden_size=64)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="no tokenizer in the adapters nor in the base"):
+        merge_adapters(str(tmp_path / "other"), [str(tiny_adapter_dir)], tmp_path / "y")
+    (tmp_path / "other" / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "other" / "tokenizer_config.json").write_bytes((tiny_model_dir / "tokenizer_config.json").read_bytes())
+    with pytest.raises(ConfigError, match="not in the base model|not found in the base model|update is"):
+        merge_adapters(str(tmp_path / "other"), [str(tiny_adapter_dir)], tmp_path / "y", low_memory=True)
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20
+    with pytest.raises(ConfigError, match="expected a size"):
+        parse_size("lots")
+
+
+def test_cli_merge_and_errors(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    assert "--low-memory" in cli("merge", "--help").stdout
+    p = cli("merge", "--model", tiny_model_dir, "--adapter", tiny_adapter_dir, "--out", tmp_path / "m", "--low-memory")
+    assert f"merged 1 adapter(s) into {tmp_path / 'm'}" in p.stdout
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    bad = cli("merge", "--model", tiny_model_dir, "--adapter", tmp_path / "nope", "--out", tmp_path / "n", check=False)
+    assert bad.returncode == 2
+    assert f"error: {tmp_path / 'nope'}: not an adapter folder (no adapter_config.json)" in bad.stderr
