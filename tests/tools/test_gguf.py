@@ -5,13 +5,12 @@ tokens (min_new_tokens=32 on both, so an early EOS cannot shorten the comparison
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import SAMPLES, make_tiny_llama
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.generation.decode import GenArgs
@@ -30,13 +29,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def hf_greedy(model, ids: list[int], gen: GenArgs) -> list[int]:

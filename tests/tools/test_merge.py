@@ -5,13 +5,12 @@ weights are checked against the un-merged forward pass, not against another merg
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import make_tiny_llama
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.tools.merge import merge_adapters, parse_size, read_adapter, weight_files
@@ -28,13 +27,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int, modules_to_save=None, **kw) -> Path:

@@ -1,13 +1,12 @@
 """`quantize`: a bitsandbytes 4-bit/8-bit folder that reloads pre-quantized, with identical outputs."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import make_tiny_llama
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.tools.quantize import quantize_model
@@ -23,13 +22,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def fresh_quantized_logits(src: Path, bits: int) -> torch.Tensor:

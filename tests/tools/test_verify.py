@@ -2,23 +2,15 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.tools.verify import apply_token_fixes, check_manifest, check_tokenizer, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture
