@@ -62,3 +62,17 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model.save_pretrained(d)
     write_meta(d, template="alpaca", system_prompt=None, base_model=str(tiny_model_dir))
     return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: syncing two intra-op threads costs more than it saves (100x slower on a busy CPU).
+
+    Subprocesses (CLI tests, servers, the SmolLM2 runs) keep torch's default.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

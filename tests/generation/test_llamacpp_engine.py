@@ -1,7 +1,6 @@
 """`--backend llama.cpp`: the same prompts, streaming and stops as the HF engine, through a GGUF file."""
 
 import pytest
-import torch
 from helpers import run_cli
 
 from chinese_vicuna.chat.session import ChatSession
@@ -17,14 +16,6 @@ def tiny_gguf(tmp_path_factory, tiny_model_dir):
     from chinese_vicuna.tools.gguf import export_gguf
 
     return export_gguf(str(tiny_model_dir), tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", gguf_type="f32")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: thread sync costs more than it saves
-    yield
-    torch.set_num_threads(n)
 
 
 def test_llamacpp_engine_matches_hf_engine(tiny_model_dir, tiny_gguf):

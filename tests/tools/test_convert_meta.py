@@ -20,15 +20,6 @@ PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of"
 TEXT = "北京是中国的首都。 Hello world 123"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: syncing two intra-op threads costs more than it saves (100x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
     """A LLaMA-style SentencePiece model (BPE, byte fallback, <unk>=0 <s>=1 </s>=2), trained here."""

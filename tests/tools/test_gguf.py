@@ -22,15 +22,6 @@ GREEDY = GenArgs(max_new_tokens=32, min_new_tokens=32, repetition_penalty=1.0)
 NEAR_TIE = 0.02  # logits
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: syncing two intra-op threads costs more than it saves (100x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_greedy(model, ids: list[int], gen: GenArgs) -> list[int]:
     with torch.no_grad():
         out = model.generate(

@@ -20,15 +20,6 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 IDS = torch.tensor([[1, 17, 305, 4021, 9, 77, 31000, 12, 5, 6]])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: syncing two intra-op threads costs more than it saves (100x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int, modules_to_save=None, **kw) -> Path:
     """A peft LoRA adapter with random (non-zero) lora_B and, if asked, a changed modules_to_save copy."""
     from peft import LoraConfig, get_peft_model

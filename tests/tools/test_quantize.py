@@ -15,15 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.tensor([[1, 17, 305, 4021, 9, 77, 31000, 12]])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: syncing two intra-op threads costs more than it saves (100x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fresh_quantized_logits(src: Path, bits: int) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
