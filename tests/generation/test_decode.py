@@ -108,6 +108,9 @@ def test_incremental_decoder_never_emits_half_a_character(tokenizer):
     assert "".join(deltas) == "长城很长，黄河很黄。"
     assert not any("\ufffd" in d for d in deltas)
     assert "" in deltas  # some tokens completed no character and were held back
+    cut = IncrementalDecoder(tokenizer)
+    first_char = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]) == "长")
+    assert cut.push(ids[: first_char + 1]) == "长" and cut.flush() == ""  # a half character is never emitted
 
 
 def test_stop_filter_holds_partial_stop_strings():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.formats import Conversation, Message
-from .stream import IncrementalDecoder, StopFilter
+from .stream import REPLACEMENT, IncrementalDecoder, StopFilter
 
 
 @dataclass
@@ -340,4 +340,6 @@ def generate_batch(model, renderer, convs: list[Conversation], gen: GenArgs) -> 
         for st in final:  # a row that printed a stop string is finished too (stops span few tokens)
             if not st.done and stops and any(s in tok.decode(st.committed[-32:], skip_special_tokens=True) for s in stops):
                 st.done, st.finish_reason = True, "stop"
-    return [cut_at_stop(tok.decode(st.committed, skip_special_tokens=True), stops).strip() for st in final]
+    # a character cut in half by max_new_tokens decodes as U+FFFD: drop it, as the streams do
+    texts = [tok.decode(st.committed, skip_special_tokens=True).rstrip(REPLACEMENT) for st in final]
+    return [cut_at_stop(t, stops).strip() for t in texts]

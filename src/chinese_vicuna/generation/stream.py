@@ -35,8 +35,8 @@ class IncrementalDecoder:
         return delta
 
     def flush(self) -> str:
-        """Everything not yet emitted (at the end, an incomplete tail is emitted as decoded)."""
-        text = self._decode()
+        """Everything not yet emitted. A character left incomplete by the token limit is dropped."""
+        text = self._decode().rstrip(REPLACEMENT)
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text if delta or text.startswith(self.emitted) else self.emitted
         return delta
