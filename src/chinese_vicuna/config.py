@@ -152,11 +152,15 @@ class TrainConfig:
             out.update(dataclasses.asdict(group))
         return out
 
+    def to_yaml(self) -> str:
+        """The resolved config as the YAML that ``load_config`` reads back."""
+        return yaml.safe_dump(self.flat(), allow_unicode=True, sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML (atomically)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.flat(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+        tmp.write_text(self.to_yaml(), encoding="utf-8")
         os.replace(tmp, path)
 
 

@@ -66,6 +66,11 @@ def find_resume(output_dir: str, resume: str) -> Path:
     return p
 
 
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return int(json.loads((Path(folder) / DONE_FILE).read_text(encoding="utf-8"))["step"])
+
+
 def clean_partial(output_dir: str | os.PathLike) -> None:
     """Remove ``*.tmp`` folders left by a save that was killed."""
     d = Path(output_dir)

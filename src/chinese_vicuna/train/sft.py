@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..config import TrainConfig
 from ..data.collate import collate, collate_packed, plan_batches, plan_packed
@@ -30,6 +29,7 @@ from ..model.quantize import prepare_for_kbit_training
 from .callbacks import TrainLogger
 from .checkpoint import (
     Progress,
+    checkpoint_step,
     clean_partial,
     find_resume,
     load_adapter_weights,
@@ -70,7 +70,8 @@ class SFTTrainer:
         self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = acc.num_processes
         set_seed(t.seed)
-        clean_partial(t.output_dir) if acc.is_main_process else None
+        if acc.is_main_process:
+            clean_partial(t.output_dir)
 
         model, tok = load_model_and_tokenizer(
             cfg.model.base_model,
@@ -141,9 +142,7 @@ class SFTTrainer:
         start = 0
         if t.resume:
             ckpt = find_resume(t.output_dir, t.resume)
-            import json
-
-            start = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+            start = checkpoint_step(ckpt)
         if t.new_data:
             self.total_steps = start + (t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch))
         warmup = t.warmup_steps or int(t.warmup_ratio * self.total_steps)
@@ -282,7 +281,8 @@ class SFTTrainer:
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
         for idx in batches:
-            loss_sum, n = self.wrapper(**{k: v.to(acc.device) for k, v in collate([val[i] for i in idx], self.tokenizer.pad_token_id).items()})
+            batch = collate([val[i] for i in idx], self.tokenizer.pad_token_id)  # padded even when packing
+            loss_sum, n = self.wrapper(**{k: v.to(acc.device) for k, v in batch.items()})
             total += loss_sum.float()
             count += n
         self.wrapper.train()
@@ -299,7 +299,7 @@ class SFTTrainer:
             "finetuning": self.cfg.lora.finetuning,
         }
         return {
-            "run_config.yaml": yaml.safe_dump(self.cfg.flat(), allow_unicode=True, sort_keys=False),
+            "run_config.yaml": self.cfg.to_yaml(),
             META_FILE: json.dumps(meta, ensure_ascii=False, indent=2),
         }
 
