@@ -8,10 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.datasets import DataError, iter_records
-from ..data.templates import get_template
-from ..data.tokenize import Renderer
 from ..generation.decode import GenArgs, generate_batch, instruction_conversation
-from ..model.adapters import parse_adapter_specs, read_meta
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -35,29 +32,21 @@ def compare(
     template: str | None = None,
 ) -> dict[str, list[str]]:
     """Answers per column: ``base`` (no adapter) and one column per adapter, same decoding."""
-    from ..model.adapters import load_adapters
-    from ..model.load import load_model_and_tokenizer
+    from ..generation.engine import Engine
 
     gen = gen or GenArgs()
-    named = parse_adapter_specs(adapter_specs)
-    meta = read_meta(named[0][1]) if named else {}
-    model, tok = load_model_and_tokenizer(base_model or meta.get("base_model"))
-    name = template or meta.get("template", "alpaca")
-    renderer = Renderer(tok, get_template(name, tok, meta.get("system_prompt")), cutoff_len=4096)
+    # the adapter's saved template unless overridden; alpaca for a bare base, as training defaults to
+    engine = Engine.load(base_model, adapter_specs, template=template or (None if adapter_specs else "alpaca"))
+    renderer = engine.renderer()
     convs = [instruction_conversation(i, c) for i, c in prompts]
     columns: dict[str, list[str]] = {}
-    peft_model = load_adapters(model, named) if named else model
-    for col in ["base", *[n for n, _ in named]]:
-        answers = []
-        for conv in tqdm(convs, desc=f"generating ({col})", leave=False):
-            if col == "base" and named:
-                with peft_model.disable_adapter():
-                    answers += generate_batch(peft_model, renderer, [conv], gen)
-            else:
-                if named:
-                    peft_model.set_adapter(col)
-                answers += generate_batch(peft_model, renderer, [conv], gen)
-        columns[col] = answers
+    for col in ["base", *engine.adapters]:
+        engine.select(None if col == "base" else col)
+        columns[col] = [
+            answer
+            for conv in tqdm(convs, desc=f"generating ({col})", leave=False)
+            for answer in generate_batch(engine.model, renderer, [conv], gen)
+        ]
     return columns
 
 
