@@ -33,8 +33,9 @@ class ModelArgs:
     """Compute dtype (autocast). ``auto``: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), else
     fp16 on older GPUs and fp32 on other CPUs. ``float32`` forces full precision."""
     attn_implementation: str = "auto"
-    """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``). ``auto``: sdpa on GPU; eager for CPU
-    training, measured faster there than the CPU flash kernel's backward at these lengths."""
+    """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``, ``lowmem_eager``). ``auto``: sdpa on GPU;
+    for CPU training ``lowmem_eager`` (with fast_kernels; else eager), measured faster there than the CPU
+    flash kernel's backward at these lengths."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model folder."""
 
@@ -127,10 +128,13 @@ class TrainArgs:
     """With resume: keep optimizer and schedule but start the (new) data from its beginning."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers besides console and CSV: ``tensorboard``, ``wandb``; ``none`` for neither."""
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
     """Trained positions per cross-entropy chunk: full-vocabulary logits are never materialised at once."""
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    fast_kernels: bool = True
+    """Swap in the trainer's kernels (low-memory eager attention, RMSNorm and SwiGLU that keep less for
+    backward, faster LoRA dropout): the same maths as the stock modules. ``false`` trains the stock HF/PEFT modules."""
 
 
 CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs)

@@ -35,9 +35,14 @@ def test_dynamic_padding_pads_to_longest_not_cutoff():
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "lowmem_eager"])
 def test_packed_loss_and_grads_equal_unpacked(tiny_model, attn):
     model = tiny_model
+    if attn == "lowmem_eager":  # the trainer's default on CPU, with its other kernels
+        from chinese_vicuna.train.kernels import apply_training_kernels, register_attention
+
+        register_attention()
+        apply_training_kernels(model, autocast=False)
     model.config._attn_implementation = attn
     w = CausalLMLoss(model)
     data = samples(5)

@@ -1,8 +1,11 @@
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from chinese_vicuna.data.collate import collate
 from chinese_vicuna.data.tokenize import IGNORE, Sample
-from chinese_vicuna.train.loss import CausalLMLoss
+from chinese_vicuna.train.loss import CausalLMLoss, fused_linear_cross_entropy
 
 
 def batch(seed=0, n=3):
@@ -33,3 +36,58 @@ def test_no_trained_tokens_gives_zero_with_graph(tiny_model):
     s = Sample([5, 6, 7], [IGNORE] * 3)
     loss, n = CausalLMLoss(tiny_model)(**collate([s], 0))
     assert n.item() == 0 and loss.item() == 0.0 and loss.requires_grad
+
+
+def _reference(h, w, t, dtype=None):
+    logits = (h.to(dtype) @ w.to(dtype).t()) if dtype else h @ w.t()
+    return F.cross_entropy(logits.float(), t, reduction="sum")
+
+
+@pytest.mark.parametrize("train_w", [False, True])
+@pytest.mark.parametrize("chunk", [5, 1024])
+def test_fused_linear_cross_entropy_matches_cross_entropy(train_w, chunk):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(23, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=train_w)
+    t = torch.randint(0, 50, (23,), generator=g)
+    ref = _reference(h, w, t)
+    gh_ref, *gw_ref = torch.autograd.grad(ref * 0.37, [h, w] if train_w else [h])
+    out = fused_linear_cross_entropy(h, w, t, chunk)
+    gh, *gw = torch.autograd.grad(out * 0.37, [h, w] if train_w else [h])
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
+    if train_w:
+        torch.testing.assert_close(gw[0], gw_ref[0], rtol=1e-5, atol=1e-6)
+    # evaluation (no grad) computes only the loss, and the same value
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, t, chunk), ref.detach(), rtol=1e-6, atol=1e-5)
+
+
+def test_fused_cross_entropy_under_bf16_autocast_equals_autocast_head():
+    """Under autocast the fused path rounds exactly where ``F.cross_entropy(lm_head(h).float())`` does."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 32, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    head = nn.Linear(32, 300, bias=False).to(torch.bfloat16).requires_grad_(False)
+    t = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(head(h).float(), t, reduction="sum")
+        out = fused_linear_cross_entropy(h, head.weight, t, 16)
+    (gh_ref,) = torch.autograd.grad(ref, [h])
+    (gh,) = torch.autograd.grad(out, [h])
+    assert gh.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+    # bf16 gradients: same rounding points, summation order of the fp32 softmax may differ in the last bit
+    torch.testing.assert_close(gh.float(), gh_ref.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_plain_linear_head_takes_the_fused_path_and_others_do_not(tiny_model):
+    from chinese_vicuna.train import loss as loss_mod
+
+    h = torch.zeros(3, tiny_model.config.hidden_size)
+    assert loss_mod._fusable(tiny_model.lm_head, h)
+    assert not loss_mod._fusable(nn.Linear(tiny_model.config.hidden_size, 10, bias=True), h)
+
+    class Wrapped(nn.Linear):
+        pass
+
+    assert not loss_mod._fusable(Wrapped(tiny_model.config.hidden_size, 10, bias=False), h)

@@ -1,8 +1,13 @@
 """The one place the training loss is computed.
 
 Only positions whose label is trained go through ``lm_head``: prompt and padding positions never
-produce full-vocabulary logits. The cross-entropy runs in chunks, each recomputed in backward
-(activation checkpointing), so at most ``chunk_size x vocab`` logits exist at any time.
+produce full-vocabulary logits. The cross-entropy runs in chunks of ``chunk_size`` positions, so
+at most ``chunk_size x vocab`` logits exist at any time.
+
+For a plain ``nn.Linear`` head (every LLaMA-family model) the head and the cross-entropy are fused
+(:class:`FusedLinearCrossEntropy`): each chunk's gradient is computed in the forward pass, while
+its logits exist, so backward neither recomputes the logits nor keeps them. Other heads (a LoRA
+or quantized ``lm_head``, sharded weights) take a chunked path with activation checkpointing.
 
 The module returns the *sum* of token losses and the token count; the trainer divides by the
 number of trained tokens of the whole accumulated (and all-reduced) batch, so gradient
@@ -17,6 +22,91 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenize import IGNORE
+
+
+def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The matmul dtype the head would use: autocast's when it is on, else the promoted dtype."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, w.dtype)
+
+
+def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=None) -> torch.Tensor:
+    """Loss sum over chunks; fills ``grad_h`` (``d sum / d hidden``) and adds into ``grad_w`` if given."""
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].to(dtype)
+            t = targets[start : start + chunk_size, None]
+            logits = torch.mm(h, w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, t)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d(sum CE)/d(logits) = softmax - onehot, built in place in the logits buffer
+            probs = logits.sub_(lse).exp_()
+            probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+            g = probs.to(dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk_size] = torch.mm(g, w)
+            if grad_w is not None:
+                grad_w.add_(torch.mm(g.t(), h))
+    return total
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(hidden_i @ weight.T, targets_i)``, its gradients computed chunk by chunk in forward.
+
+    Written by hand: torch has no fused linear + cross-entropy, and the known ones (Liger, Apple's
+    cut-cross-entropy) are Triton/CUDA kernels. Per chunk: logits in the compute dtype, softmax and
+    loss in fp32, ``dlogits = softmax - onehot`` in place, then ``dh = dlogits @ W`` and (if W is
+    trained) ``dW += dlogits.T @ h``. Numerically what ``F.cross_entropy(head(h).float())`` gives
+    under the same precision, without the backward recomputation of the logits or the
+    full-vocabulary gradient buffers of ``cross_entropy``'s backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype: torch.dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Sum of the cross-entropy of ``hidden @ weight.T`` (``[n, d] x [vocab, d]``) against ``targets`` ``[n]``."""
+    dtype = _compute_dtype(hidden, weight)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, dtype)
+    with torch.no_grad():
+        return _ce_chunks(hidden, weight, targets, chunk_size, dtype)
+
+
+def _fusable(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """A plain, unsharded ``nn.Linear`` without bias whose full weight is present in this process."""
+    w = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and w is not None
+        and w.dim() == 2
+        and w.shape[1] == hidden.shape[-1]
+        and not hasattr(w, "ds_id")  # DeepSpeed ZeRO-3 partitioned parameter
+    )
 
 
 def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,6 +132,8 @@ def chunked_cross_entropy(
     n = t.numel()
     if n == 0:
         return hidden.sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    if _fusable(head, h):
+        return fused_linear_cross_entropy(h, head.weight, t, chunk_size), torch.tensor(n, device=hidden.device)
     if n <= chunk_size:
         return _ce_sum(head, h, t), torch.tensor(n, device=hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)

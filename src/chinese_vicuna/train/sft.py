@@ -36,6 +36,7 @@ from .checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
 from .loss import CausalLMLoss
 
 StepCallback = Callable[["SFTTrainer", int, dict], None]
@@ -77,11 +78,7 @@ class SFTTrainer:
             cfg.model.base_model,
             dtype=load_dtype,
             quantization=cfg.model.quantization,
-            attn_implementation=(
-                ("sdpa" if torch.cuda.is_available() else "eager")
-                if cfg.model.attn_implementation == "auto"
-                else cfg.model.attn_implementation
-            ),
+            attn_implementation=self._attention(),
             trust_remote_code=cfg.model.trust_remote_code,
             device=str(acc.device) if cfg.model.quantization != "none" else None,
         )
@@ -99,6 +96,10 @@ class SFTTrainer:
             )
         else:
             model.requires_grad_(True)
+        if t.fast_kernels:
+            swapped = apply_training_kernels(model, autocast=mixed != "no")
+            if acc.is_main_process and swapped:
+                print("kernels: " + ", ".join(swapped + [model.config._attn_implementation]))
         model.config.use_cache = False
         self.model, self.tokenizer = model, tok
         if acc.is_main_process:
@@ -155,6 +156,16 @@ class SFTTrainer:
         if t.resume:
             self._resume(ckpt, t.new_data)
         return self
+
+    def _attention(self) -> str:
+        name = self.cfg.model.attn_implementation
+        if name == "auto":
+            if torch.cuda.is_available():
+                return "sdpa"
+            name = LOWMEM_ATTENTION if self.cfg.train.fast_kernels else "eager"
+        if name == LOWMEM_ATTENTION:
+            register_attention()
+        return name
 
     def _resume(self, ckpt: Path, new_data: bool) -> None:
         if self.cfg.lora.finetuning == "lora":
