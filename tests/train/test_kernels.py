@@ -104,12 +104,14 @@ def test_rmsnorm_forward_is_identical_and_backward_matches(dtype):
     norm.weight.data.normal_(1, 0.2)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, 7, 48, generator=g) * 3).to(dtype).requires_grad_()
+    x_before = x.detach().clone()
     y_ref = norm(x)
     y = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
     assert torch.equal(y, y_ref)
     dy = torch.randn(y.shape, generator=g).to(dtype)
     gx_ref, gw_ref = torch.autograd.grad(y_ref, [x, norm.weight], dy)
     gx, gw = torch.autograd.grad(y, [x, norm.weight], dy)
+    assert torch.equal(x, x_before)  # in-place work happens on copies only
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gx, gx_ref, **tol)
     torch.testing.assert_close(gw, gw_ref, **tol)
@@ -139,6 +141,15 @@ def test_fast_dropout_is_inverted_dropout_with_rate_p():
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(FastDropout(0.0)(x), x)
     assert not FastDropout(1.0)(x).any()
+    xb = torch.randn(300, 300).to(torch.bfloat16).requires_grad_()  # 16-bit inputs: same-dtype mask
+    yb = drop.train()(xb)
+    assert yb.dtype == torch.bfloat16
+    kept = yb != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.005
+    expected = (xb.detach().float() * (1 / 0.95)).to(torch.bfloat16)
+    assert torch.equal(yb[kept], expected[kept])
+    (gb,) = torch.autograd.grad(yb.float().sum(), [xb])
+    assert torch.equal(gb[kept], torch.full_like(gb[kept], 1 / 0.95)) and not gb[~kept].any()
 
 
 def test_lora_dropout_is_swapped_and_input_cast_only_under_autocast():

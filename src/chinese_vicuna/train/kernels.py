@@ -11,8 +11,8 @@ with the stock modules) and differs only in what is kept for backward:
 - RMSNorm (LLaMA/Mistral/Qwen formula) that keeps its input in the model dtype and the inverse
   RMS, instead of an fp32 copy of the input; backward recomputes the normalised rows.
 - SwiGLU ``silu(gate) * up`` that keeps ``gate`` and ``up`` only; backward recomputes ``silu``.
-- LoRA dropout that draws a uniform tensor (about twice as fast as ``bernoulli_`` on the CPU) and
-  keeps a 1-byte mask; under autocast the LoRA input stays in the compute dtype instead of PEFT's
+- LoRA dropout that draws a uniform tensor (about twice as fast as ``bernoulli_`` on the CPU) into
+  a 0/1 mask in the input's dtype; under autocast the LoRA input stays in the compute dtype instead of PEFT's
   round trip through fp32 (the LoRA matmuls run in the compute dtype either way).
 
 Written by hand because the libraries that do this (Liger kernels, unsloth) are Triton/CUDA only.
@@ -66,22 +66,23 @@ def register_attention() -> str:
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        x32 = x.float()
+        x32 = x.to(torch.float32, copy=True)  # our own buffer: the in-place ops below never touch x
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        y = (x32 * rstd).to(x.dtype)
+        y = x32.mul_(rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return weight * y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        y32 = x.float() * rstd
+        y32 = x.to(torch.float32, copy=True).mul_(rstd)
         gw = None
         if ctx.needs_input_grad[1]:
             gw = (grad * y32.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
         gy = (grad * weight).float()
-        # d/dx of x * rsqrt(mean(x^2) + eps)
-        gx = rstd * (gy - y32 * (gy * y32).mean(-1, keepdim=True))
+        # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (gy - y * mean(gy * y)), in place
+        dot = (gy * y32).mean(-1, keepdim=True)
+        gx = gy.sub_(y32.mul_(dot)).mul_(rstd)
         return gx.to(x.dtype), gw, None
 
 
@@ -96,14 +97,14 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         g_gate = g_up = None
         if ctx.needs_input_grad[1]:
-            g_up = grad * F.silu(gate)
+            g_up = F.silu(gate).mul_(grad)
         if ctx.needs_input_grad[0]:
             g_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return g_gate, g_up
@@ -115,15 +116,18 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------- LoRA dropout
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` (inverted scaling, same distribution) with a uniform draw and a bool mask."""
+    """``nn.Dropout`` (inverted scaling, same distribution) with a uniform draw instead of ``bernoulli_``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return x * 0
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        r = torch.rand(x.shape, device=x.device)
+        # bf16/fp16: a 0/1 mask in x's dtype (2 bytes kept, not 1) makes the forward and backward
+        # multiplies same-dtype, several times faster than with a bool mask; fp32 keeps a bool mask
+        keep = r.ge_(self.p).to(x.dtype) if x.element_size() == 2 else r >= self.p
+        return (x * keep).mul_(1.0 / (1.0 - self.p))
 
 
 def apply_training_kernels(model: nn.Module, autocast: bool) -> list[str]:

@@ -32,25 +32,56 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, w.dtype)
 
 
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[rows, cols]`` scratch buffer kept between calls (CPU only).
+
+    A chunk of fp32 logits is tens of MB: above glibc's mmap threshold, so a fresh tensor would be
+    mapped (and page-faulted in) on every chunk, which costs more than the softmax itself. GPUs
+    have torch's caching allocator and get plain tensors.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    key = (name, cols, dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = _WORKSPACE[key] = torch.empty(rows, cols, dtype=dtype)
+    return buf[:rows]
+
+
 def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=None) -> torch.Tensor:
     """Loss sum over chunks; fills ``grad_h`` (``d sum / d hidden``) and adds into ``grad_w`` if given."""
     w = weight.to(dtype)
+    n, vocab = hidden.shape[0], w.shape[0]
+    rows = min(chunk_size, n)
+    logits_buf = _workspace("logits", rows, vocab, dtype, hidden.device)
+    z_buf = logits_buf if dtype == torch.float32 else _workspace("z", rows, vocab, torch.float32, hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start : start + chunk_size].to(dtype)
-            t = targets[start : start + chunk_size, None]
-            logits = torch.mm(h, w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, t)).sum()
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end].to(dtype)
+            t = targets[start:end, None]
+            logits = torch.mm(h, w.t(), out=logits_buf[: end - start])
+            target_logit = logits.gather(1, t).float()
+            # softmax in place in one fp32 buffer
+            z = z_buf[: end - start].copy_(logits) if z_buf is not logits_buf else logits
+            zmax = z.amax(-1, keepdim=True)
+            probs = z.sub_(zmax).exp_()
+            norm = probs.sum(-1, keepdim=True)
+            total += (norm.log() + zmax - target_logit).sum()  # logsumexp - target logit
             if grad_h is None and grad_w is None:
                 continue
-            # d(sum CE)/d(logits) = softmax - onehot, built in place in the logits buffer
-            probs = logits.sub_(lse).exp_()
-            probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
-            g = probs.to(dtype)
+            # d(sum CE)/d(logits) = softmax - onehot
+            probs.div_(norm).scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+            g = logits.copy_(probs) if probs is not logits else probs  # back to the compute dtype
             if grad_h is not None:
-                grad_h[start : start + chunk_size] = torch.mm(g, w)
+                if grad_h.dtype == dtype:
+                    torch.mm(g, w, out=grad_h[start:end])
+                else:
+                    grad_h[start:end] = torch.mm(g, w)
             if grad_w is not None:
                 grad_w.add_(torch.mm(g.t(), h))
     return total
