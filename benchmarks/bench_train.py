@@ -10,7 +10,8 @@ fp32 weights on the CPU.
   with -100 (correctly). It exists only in this file.
 - ours (fp32): ``chinese-vicuna train`` with dtype float32.
 - ours: ``chinese-vicuna train`` with its defaults (dynamic padding with length grouping, logits
-  only where trained, chunked cross-entropy; bf16 autocast where the CPU/GPU has native bf16).
+  only where trained, fused linear + chunked cross-entropy, the kernels of train/kernels.py; bf16
+  autocast where the CPU has native bf16).
 
 Each variant runs in its own process (so peak RSS is its own). Prints one table with ratios,
 the machine's measured matmul throughput and our achieved model FLOP/s against it, writes
