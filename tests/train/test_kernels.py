@@ -203,3 +203,17 @@ def test_kernels_keep_less_for_backward():
     b = batch()
     before, after = saved_bytes(stock, b), saved_bytes(fast, b)
     assert after < 0.75 * before, (before, after)
+
+
+def test_lowmem_attention_without_attention_mask_is_still_causal():
+    stock, fast = make_tiny_llama(VOCAB, seed=2), make_tiny_llama(VOCAB, seed=2)
+    stock.config._attn_implementation = "eager"
+    fast.config._attn_implementation = register_attention()
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = stock(input_ids=ids).logits, fast(input_ids=ids).logits
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        # causal: the first 6 positions do not depend on the last 6 tokens
+        ids2 = ids.clone()
+        ids2[:, 6:] = (ids2[:, 6:] + 1) % VOCAB
+        torch.testing.assert_close(fast(input_ids=ids2).logits[:, :6], b[:, :6])
