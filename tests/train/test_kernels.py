@@ -13,6 +13,7 @@ from chinese_vicuna.train.kernels import (
     FastDropout,
     RMSNormFunction,
     SiluMulFunction,
+    _sparse_drop_mask,
     apply_training_kernels,
     register_attention,
 )
@@ -217,3 +218,17 @@ def test_lowmem_attention_without_attention_mask_is_still_causal():
         ids2 = ids.clone()
         ids2[:, 6:] = (ids2[:, 6:] + 1) % VOCAB
         torch.testing.assert_close(fast(input_ids=ids2).logits[:, :6], b[:, :6])
+
+
+@pytest.mark.parametrize("draws", [None, 7])  # 7: the gap sequence is extended many times
+def test_sparse_drop_mask_is_an_iid_bernoulli_mask(draws):
+    torch.manual_seed(1)
+    n, p = 2_000_000 if draws is None else 200_000, 0.05
+    drop = _sparse_drop_mask(n, p, torch.float32, draws) == 0
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(drop.sum().item() - n * p) < 5 * sd
+    blocks = drop.view(10, -1).sum(1).float()  # uniform along the tensor
+    assert (blocks - n * p / 10).abs().max() < 5 * (n / 10 * p * (1 - p)) ** 0.5
+    pairs = (drop[1:] & drop[:-1]).sum().item()  # neighbours independent: P(both) = p^2
+    assert abs(pairs - n * p * p) < 5 * (n * p * p) ** 0.5
+    assert _sparse_drop_mask(10, 0.25, torch.bool).dtype == torch.bool

@@ -11,15 +11,17 @@ with the stock modules) and differs only in what is kept for backward:
 - RMSNorm (LLaMA/Mistral/Qwen formula) that keeps its input in the model dtype and the inverse
   RMS, instead of an fp32 copy of the input; backward recomputes the normalised rows.
 - SwiGLU ``silu(gate) * up`` that keeps ``gate`` and ``up`` only; backward recomputes ``silu``.
-- LoRA dropout that draws a uniform tensor (about twice as fast as ``bernoulli_`` on the CPU) into
-  a 0/1 mask in the input's dtype; under autocast the LoRA input stays in the compute dtype instead of PEFT's
-  round trip through fp32 (the LoRA matmuls run in the compute dtype either way).
+- LoRA dropout that draws only the gaps between dropped positions (about n*p random numbers
+  instead of n; torch's CPU generator is serial) into a 0/1 mask in the input's dtype; under
+  autocast the LoRA input stays in the compute dtype instead of PEFT's round trip through fp32
+  (the LoRA matmuls run in the compute dtype either way).
 
 Written by hand because the libraries that do this (Liger kernels, unsloth) are Triton/CUDA only.
 """
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -115,18 +117,42 @@ def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- LoRA dropout
+def _sparse_drop_mask(n: int, p: float, dtype: torch.dtype, draws: int | None = None) -> torch.Tensor:
+    """A length-``n`` 0/1 keep-mask, each entry dropped independently with probability ``p`` (CPU).
+
+    The dropped positions of a Bernoulli(p) sequence are separated by i.i.d. Geometric(p) gaps, so
+    drawing the gaps takes about ``n * p`` random numbers instead of ``n``: a 5% LoRA dropout costs a
+    third of the time of ``torch.rand`` (torch's CPU generator draws one number at a time).
+    """
+    keep = torch.ones(n, dtype=dtype)
+    mean = n * p
+    draws = draws or int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    start = 0
+    while True:
+        gaps = torch.empty(draws, dtype=torch.float64).geometric_(p)  # trials up to and including a drop
+        pos = gaps.cumsum_(0).add_(start - 1).long()
+        inside = pos[pos < n]
+        keep.index_fill_(0, inside, 0)
+        if inside.numel() < draws:  # the sequence ran past the end: every position is decided
+            return keep
+        start = int(pos[-1]) + 1
+
+
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` (inverted scaling, same distribution) with a uniform draw instead of ``bernoulli_``."""
+    """``nn.Dropout`` (inverted scaling, the same Bernoulli mask distribution), faster on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return x * 0
-        r = torch.rand(x.shape, device=x.device)
         # bf16/fp16: a 0/1 mask in x's dtype (2 bytes kept, not 1) makes the forward and backward
         # multiplies same-dtype, several times faster than with a bool mask; fp32 keeps a bool mask
-        keep = r.ge_(self.p).to(x.dtype) if x.element_size() == 2 else r >= self.p
+        dtype = x.dtype if x.element_size() == 2 else torch.bool
+        if x.device.type == "cpu" and self.p <= 0.25:
+            keep = _sparse_drop_mask(x.numel(), self.p, dtype).view(x.shape)
+        else:
+            keep = (torch.rand(x.shape, device=x.device) >= self.p).to(dtype)
         return (x * keep).mul_(1.0 / (1.0 - self.p))
 
 
