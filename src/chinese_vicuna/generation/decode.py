@@ -104,9 +104,20 @@ def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
     return procs
 
 
+def _cache_kwarg() -> str:
+    """transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old name warns)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 def _forward(model, ids, mask, pos, cache) -> torch.Tensor:
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}
     )
     return out.logits[:, -1, :].float()
 
