@@ -47,23 +47,32 @@ def loss_and_grads(model, b):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def with_lora(m, targets):
+    """A deterministic LoRA with non-zero B, so the adapter changes the loss and gets gradients."""
+    torch.manual_seed(7)
+    m = attach_lora(m, r=4, alpha=8, dropout=0.0, targets=targets)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return m
+
+
+def stock_and_fast(build, autocast: bool):
+    """Two copies of ``build()``: stock eager modules, and the trainer's kernels swapped in."""
+    stock, fast = build(), build()
+    stock.config._attn_implementation = "eager"
+    fast.config._attn_implementation = register_attention()
+    return stock, fast, apply_training_kernels(fast, autocast=autocast)
+
+
 @pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 def test_kernels_give_the_stock_model_loss_and_gradients(left_pad, lora):
     def build():
         m = make_tiny_llama(VOCAB, seed=5, num_attention_heads=4, num_key_value_heads=2)
-        if lora:
-            torch.manual_seed(7)
-            m = attach_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "gate_proj", "down_proj"])
-            for n, p in m.named_parameters():  # non-zero B so the adapter matters
-                if "lora_B" in n:
-                    p.data.normal_(0, 0.1)
-        return m
+        return with_lora(m, ["q_proj", "v_proj", "gate_proj", "down_proj"]) if lora else m
 
-    stock, fast = build(), build()
-    stock.config._attn_implementation = "eager"
-    fast.config._attn_implementation = register_attention()
-    swapped = apply_training_kernels(fast, autocast=False)
+    stock, fast, swapped = stock_and_fast(build, autocast=False)
     assert {"rmsnorm", "swiglu"} <= set(swapped)
     b = batch(left_pad)
     l1, g1 = loss_and_grads(stock, b)
@@ -76,18 +85,9 @@ def test_kernels_give_the_stock_model_loss_and_gradients(left_pad, lora):
 
 def test_kernels_under_bf16_autocast_stay_close_to_stock():
     def build():
-        m = make_tiny_llama(VOCAB, seed=5).to(torch.bfloat16)
-        torch.manual_seed(7)
-        m = attach_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.1)
-        return m
+        return with_lora(make_tiny_llama(VOCAB, seed=5).to(torch.bfloat16), ["q_proj", "v_proj"])
 
-    stock, fast = build(), build()
-    stock.config._attn_implementation = "eager"
-    fast.config._attn_implementation = register_attention()
-    apply_training_kernels(fast, autocast=True)
+    stock, fast, _ = stock_and_fast(build, autocast=True)
     b = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         l1, g1 = loss_and_grads(stock, b)
@@ -194,13 +194,11 @@ def saved_bytes(model, b) -> int:
 
 
 def test_kernels_keep_less_for_backward():
-    stock = attach_lora(make_tiny_llama(VOCAB, hidden_size=64, intermediate_size=256), r=4, alpha=8,
-                        dropout=0.05, targets=["q_proj", "v_proj"])
-    fast = attach_lora(make_tiny_llama(VOCAB, hidden_size=64, intermediate_size=256), r=4, alpha=8,
-                       dropout=0.05, targets=["q_proj", "v_proj"])
-    stock.config._attn_implementation = "eager"
-    fast.config._attn_implementation = register_attention()
-    apply_training_kernels(fast, autocast=False)
+    def build():
+        m = make_tiny_llama(VOCAB, hidden_size=64, intermediate_size=256)
+        return attach_lora(m, r=4, alpha=8, dropout=0.05, targets=["q_proj", "v_proj"])
+
+    stock, fast, _ = stock_and_fast(build, autocast=False)
     b = batch()
     before, after = saved_bytes(stock, b), saved_bytes(fast, b)
     assert after < 0.75 * before, (before, after)
