@@ -13,6 +13,7 @@ change them, so they stream append-only; ``best`` is the current best beam for t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -104,7 +105,8 @@ def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
     return procs
 
 
-def _cache_kwarg() -> str:
+@functools.cache
+def cache_kwarg() -> str:
     """transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old name warns)."""
     import transformers
     from packaging.version import Version
@@ -112,12 +114,9 @@ def _cache_kwarg() -> str:
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-CACHE_KWARG = _cache_kwarg()
-
-
 def _forward(model, ids, mask, pos, cache) -> torch.Tensor:
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kwarg(): cache}
     )
     return out.logits[:, -1, :].float()
 
