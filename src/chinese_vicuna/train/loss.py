@@ -56,8 +56,9 @@ def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=N
     w = weight.to(dtype)
     n, vocab = hidden.shape[0], w.shape[0]
     rows = min(chunk_size, n)
+    fp32 = dtype == torch.float32  # then the logits buffer is the fp32 softmax buffer too
     logits_buf = _workspace("logits", rows, vocab, dtype, hidden.device)
-    z_buf = logits_buf if dtype == torch.float32 else _workspace("z", rows, vocab, torch.float32, hidden.device)
+    z_buf = logits_buf if fp32 else _workspace("z", rows, vocab, torch.float32, hidden.device)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, chunk_size):
@@ -67,7 +68,7 @@ def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=N
             logits = torch.mm(h, w.t(), out=logits_buf[: end - start])
             target_logit = logits.gather(1, t).float()
             # softmax in place in one fp32 buffer
-            z = z_buf[: end - start].copy_(logits) if z_buf is not logits_buf else logits
+            z = logits if fp32 else z_buf[: end - start].copy_(logits)
             zmax = z.amax(-1, keepdim=True)
             probs = z.sub_(zmax).exp_()
             norm = probs.sum(-1, keepdim=True)
@@ -76,7 +77,7 @@ def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=N
                 continue
             # d(sum CE)/d(logits) = softmax - onehot
             probs.div_(norm).scatter_add_(1, t, probs.new_full(t.shape, -1.0))
-            g = logits.copy_(probs) if probs is not logits else probs  # back to the compute dtype
+            g = probs if fp32 else logits.copy_(probs)  # back to the compute dtype
             if grad_h is not None:
                 if grad_h.dtype == dtype:
                     torch.mm(g, w, out=grad_h[start:end])
