@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -47,13 +48,85 @@ def embedded_gguf() -> Path:
 
 
 def resolve_base_model(name: str | None) -> str:
-    """``None`` -> the embedded SmolLM2 folder (converted on first use); other names unchanged."""
+    """``None`` -> the embedded SmolLM2 folder (converted on first use); a hub id -> its cached snapshot.
+
+    Local folders and ``.gguf`` files are returned unchanged.
+    """
     if name:
-        return name
+        return resolve_hub_id(name, MODEL_FILES) if looks_like_hub_id(name) else name
     folder = embedded_model_dir()
     if not (folder / "config.json").exists():
         import_gguf(embedded_gguf(), folder)
     return str(folder)
+
+
+# What a model or adapter needs from its hub repository: no duplicate .bin when safetensors exist,
+# no training logs or optimizer states.
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.py", "*.tiktoken")
+MODEL_FILES_BIN = ("*.bin",)
+ADAPTER_FILES = ("*.json", "adapter_model.*", "*.model", "*.jinja", "*.txt")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``user/name`` (or ``name``) that is not an existing local path: a Hugging Face hub repository."""
+    if Path(name).exists() or name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and "--" not in name and ".." not in name
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return flag.upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.gguf"))
+
+
+def resolve_hub_id(repo_id: str, patterns: tuple[str, ...] = MODEL_FILES) -> str:
+    """The local snapshot folder of a hub repository: from the cache, else downloaded (when online).
+
+    Raises:
+        ModelLoadError: not cached and the hub cannot be reached; the message names the cache
+            folder and the command that downloads it.
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+        # transformers may have cached only config.json of a repo: that is not a usable snapshot
+        if _has_weights(folder):
+            return str(folder)
+    except Exception:  # LocalEntryNotFoundError, or an invalid repo id
+        pass
+    reason = "HF_HUB_OFFLINE is set" if _hub_offline() else ""
+    if not reason:
+        try:
+            folder = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=list(patterns)))
+            if not _has_weights(folder):  # an old repository with pytorch_model.bin only
+                folder = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=list(MODEL_FILES_BIN)))
+            return str(folder)
+        except Exception as e:  # no connection, unknown or gated repository
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ModelLoadError(
+        f"{repo_id}: not a local folder, and it could not be fetched from the Hugging Face hub: it is not in "
+        f"the cache at {cache} and the hub cannot be reached ({reason}). Download it on a machine with internet "
+        f"access with `hf download {repo_id}` (same HF_HUB_CACHE), or pass a local folder."
+    )
 
 
 def _pick_pad(tokenizer) -> None:

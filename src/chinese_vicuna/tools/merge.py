@@ -122,10 +122,9 @@ class AdapterWeights:
 
 
 def adapter_config(folder: str) -> dict:
-    path = Path(folder) / "adapter_config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: not an adapter folder (no adapter_config.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    from ..model.adapters import read_adapter_config
+
+    return read_adapter_config(folder)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -137,8 +136,11 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def read_adapter(folder: str) -> AdapterWeights:
-    """Load an adapter's tensors and turn them into per-weight deltas (for the streaming merge)."""
-    from safetensors.torch import load_file
+    """Load an adapter's tensors and turn them into per-weight deltas (for the streaming merge).
+
+    Seed adapters (``adapter_model.bin``, peft 0.2/0.3 key names) are read as well.
+    """
+    from ..model.adapters import read_adapter_state
 
     cfg = adapter_config(folder)
     unsupported = [k for k in ("use_dora", "lora_bias") if cfg.get(k)]
@@ -147,10 +149,7 @@ def read_adapter(folder: str) -> AdapterWeights:
             f"{folder}: {cfg.get('peft_type')} {' '.join(unsupported)} adapters are not supported by --low-memory; "
             "merge without --low-memory (peft's merge_and_unload handles them)"
         )
-    path = Path(folder) / "adapter_model.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (adapters saved as .bin: load and save_pretrained them once)")
-    state = load_file(str(path))
+    state = read_adapter_state(folder)
     out = AdapterWeights(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -242,12 +241,11 @@ def names_seen(files: list[Path]) -> set[str]:
 
 
 def merge_in_memory(base: str, adapters: list[str], tmp: Path, max_shard_size: int, dtype):
-    """peft's merge: load the base, then for each adapter ``PeftModel.from_pretrained`` + ``merge_and_unload``."""
-    from peft import PeftModel
-    from safetensors import safe_open
+    """peft's merge: load the base, then for each adapter load it (old format or new) + ``merge_and_unload``."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
+    from ..model.adapters import load_adapter
     from ..model.load import ModelLoadError, _explain
 
     try:
@@ -255,15 +253,8 @@ def merge_in_memory(base: str, adapters: list[str], tmp: Path, max_shard_size: i
     except OSError as e:
         raise ModelLoadError(_explain(base, e)) from None
     for folder in tqdm(adapters, desc="merging adapters", unit="adapter"):
-        adapter_config(folder)
-        # An adapter trained with an extended vocabulary saves the resized embedding; match it first.
-        path = Path(folder) / "adapter_model.safetensors"
-        if path.exists():
-            with safe_open(str(path), framework="pt") as sf:
-                rows = [sf.get_slice(k).get_shape()[0] for k in sf.keys() if k.endswith("embed_tokens.weight")]
-            if rows and rows[0] != model.get_input_embeddings().weight.shape[0]:
-                model.resize_token_embeddings(rows[0])
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        # load_adapter resizes the embeddings first when the adapter saved an extended vocabulary
+        model = load_adapter(model, folder).merge_and_unload()
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     return model
 
@@ -298,14 +289,13 @@ def merge_adapters(
 
     from transformers import AutoConfig, GenerationConfig
 
-    from ..model.adapters import read_meta, write_meta
+    from ..model.adapters import default_base, read_meta, resolve_adapter, write_meta
     from ..model.load import fix_special_tokens, load_tokenizer, resolve_base_model
 
     if not adapters:
         raise ConfigError("merge: give at least one --adapter")
-    for folder in adapters:
-        adapter_config(folder)
-    base = resolve_base_model(base or read_meta(adapters[0]).get("base_model"))
+    adapters = [resolve_adapter(a) for a in adapters]  # folders, or hub ids from the Hugging Face cache
+    base = resolve_base_model(base or default_base(adapters[0], read_meta(adapters[0])))
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out}: exists and is not empty (pass --force to replace it)")
