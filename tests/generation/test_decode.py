@@ -40,6 +40,61 @@ def test_beam_search_equals_hf(tiny_model, beams, penalty):
     assert st.committed != greedy  # beam search really searched
 
 
+@pytest.fixture
+def eos_prone(tiny_model):
+    """The tiny model with a larger EOS row in lm_head: beams end (at different lengths) well before the limit."""
+    with torch.no_grad():
+        tiny_model.lm_head.weight[2] *= 3.0
+    return tiny_model
+
+
+def hf_beams(model, **kw) -> list[int]:
+    want = hf(model, PROMPT, max_new_tokens=32, min_new_tokens=3, repetition_penalty=1.0, **kw)
+    while want and want[-1] == 0:  # transformers pads a hypothesis that ended early
+        want.pop()
+    return want
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_beam_search_that_ends_on_eos_equals_hf(eos_prone, length_penalty, early_stopping):
+    """Finished hypotheses, their length penalty and both stopping rules decide the answer here."""
+    gen = GenArgs(max_new_tokens=32, min_new_tokens=3, num_beams=4, repetition_penalty=1.0,
+                  length_penalty=length_penalty, early_stopping=early_stopping)
+    st = ours(eos_prone, PROMPT, gen)
+    want = hf_beams(eos_prone, do_sample=False, num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping)
+    assert st.committed == want
+    if (length_penalty, early_stopping) == (2.0, False):
+        # a strong length reward keeps the search going until the limit: the best is a running beam
+        assert len(want) == 32 and want[-1] != 2 and st.finish_reason == "length"
+    else:
+        assert 3 < len(want) < 32 and want[-1] == 2 and st.finish_reason == "stop"
+
+
+def test_beam_search_stopping_rules_change_the_answer(eos_prone):
+    """The cases above differ: early_stopping and length_penalty are really exercised, not bypassed."""
+    gen = dict(max_new_tokens=32, min_new_tokens=3, num_beams=4, repetition_penalty=1.0)
+    answers = {
+        (lp, es): ours(eos_prone, PROMPT, GenArgs(length_penalty=lp, early_stopping=es, **gen)).committed
+        for lp in (0.5, 1.0, 2.0) for es in (False, True)
+    }
+    assert answers[1.0, False] != answers[1.0, True]
+    assert answers[2.0, False] != answers[2.0, True]
+    assert answers[0.5, True] != answers[2.0, True]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_beam_sampling_equals_hf_with_the_same_seed(eos_prone, seed):
+    """Beam sampling draws 2k candidates and keeps them best first, exactly as transformers does."""
+    warp = dict(temperature=1.5, top_k=20, top_p=0.95)
+    gen = GenArgs(max_new_tokens=32, min_new_tokens=3, num_beams=3, do_sample=True, seed=seed, repetition_penalty=1.0,
+                  **warp)
+    st = ours(eos_prone, PROMPT, gen)
+    torch.manual_seed(seed)  # transformers samples from the global generator; ours from one seeded alike
+    want = hf_beams(eos_prone, do_sample=True, num_beams=3, **warp)
+    assert st.committed == want and want[-1] == 2
+
+
 def test_beam_committed_is_append_only_and_ends_on_best(tiny_model):
     seen = []
     for st in iter_steps(tiny_model, PROMPT, GenArgs(max_new_tokens=16, num_beams=3), [2], 0):

@@ -4,9 +4,10 @@ Everything that generates (terminal chat, web UI, API server, batch ``generate``
 ``iter_steps``/``TextStream``. Logits processors are transformers' own classes; the loop is ours
 so that every strategy can stream — beam search included.
 
-Beam search follows transformers' ``_beam_search`` step for step (top ``2k`` candidates, the
-top ``k`` that end become finished hypotheses scored ``logp / len**length_penalty``, the same
-early-stop heuristic), so its result equals ``model.generate(num_beams=k)``. While it runs, the
+Beam search follows transformers' ``_beam_search`` step for step (top ``2k`` candidates, or
+``2k`` sampled ones sorted by score for beam sampling; the top ``k`` that end become finished
+hypotheses scored ``logp / len**length_penalty``; the same early-stop rules), so its result equals
+``model.generate(num_beams=k)``, and with the same seed ``generate(num_beams=k, do_sample=True)``. While it runs, the
 *committed* tokens are the common prefix of every live beam and kept hypothesis: no later step can
 change them, so they stream append-only; ``best`` is the current best beam for typewriter UIs.
 """
@@ -39,6 +40,8 @@ class GenArgs:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
     """Beam scores are divided by length**length_penalty."""
+    early_stopping: bool = False
+    """Beam search: stop once ``num_beams`` hypotheses have ended (else: once none can be beaten)."""
     seed: int | None = None
 
 
@@ -96,12 +99,15 @@ def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
 
     procs = penalty_processors(gen, prompt_len, eos)
     if gen.do_sample:  # same order as transformers: penalties, then warpers
+        # as transformers: beam sampling keeps one token more than there are EOS ids, so that a
+        # continuation that does not end always exists
+        keep = (len(eos) + 1 if eos else 2) if gen.num_beams > 1 else 1
         if gen.temperature and gen.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(gen.temperature))
         if gen.top_k:
-            procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=max(1, gen.num_beams)))
+            procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
         if gen.top_p < 1.0:
-            procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=max(1, gen.num_beams)))
+            procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
     return procs
 
 
@@ -223,15 +229,19 @@ def iter_steps_beam(
         acc = (logp + run_scores[:, None]).view(-1)
         if gen.do_sample:
             idx = torch.multinomial(torch.softmax(acc, -1), keep, generator=rng)
-            vals = acc[idx]
+            # Best first, as transformers sorts them: only the top k of the candidates may become
+            # finished hypotheses, so the order decides which sampled endings are kept.
+            vals, order = acc[idx].sort(descending=True)
+            idx = idx[order]
         else:
             vals, idx = torch.topk(acc, keep)
         vocab = logp.shape[-1]
         beam, tok = idx // vocab, idx % vocab
         cand = torch.cat([running[beam], tok[:, None]], 1)
         hits = torch.isin(tok, eos_t) | (t + 1 == gen.max_new_tokens)
-        # Finished hypotheses: only candidates ranked in the top k, unless adding is pointless.
-        if improvable:
+        # Finished hypotheses: only candidates ranked in the top k, unless adding is pointless
+        # (no running beam can beat the kept ones, or early_stopping and k are kept already).
+        if improvable and not (gen.early_stopping and len(fin) == k):
             for j in range(k):
                 if hits[j]:
                     fin.append((float(vals[j]) / (t + 1) ** lp, cand[j, plen:].tolist()))
@@ -243,7 +253,7 @@ def iter_steps_beam(
         best_possible = float(run_scores[0]) / (t + 1) ** lp
         worst_fin = fin[-1][0] if len(fin) == k else -1e9
         improvable = improvable and best_possible > worst_fin
-        done = not improvable or bool(hits.all())
+        done = not improvable or bool(hits.all()) or (gen.early_stopping and len(fin) == k)
         live = [s[plen:].tolist() for s in running] if not done else []
         pool = live + [h for _, h in fin]
         committed = _common_prefix(pool) if not done else fin[0][1]
