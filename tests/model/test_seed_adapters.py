@@ -141,5 +141,5 @@ def test_unsafe_or_mismatched_weights_are_clear_errors(seed_adapter, tiny_model_
     wrong.mkdir()
     (wrong / "adapter_config.json").write_text(json.dumps(seed_config(8, 16)))  # says r=8, tensors are r=4
     torch.save(state, wrong / "adapter_model.bin")
-    with pytest.raises(ModelLoadError, match=f"{wrong}: the adapter does not fit this base model .*{SEED_BASE}"):
+    with pytest.raises(ModelLoadError, match=f"{wrong}: the adapter does not fit this model .*trained on {SEED_BASE}"):
         load_for_inference(str(tiny_model_dir), [str(wrong)], dtype="float32")

@@ -214,8 +214,12 @@ def _input_embedding_key(model) -> str | None:
     return next((f"{PEFT_PREFIX}{n}.weight" for n, m in model.named_modules() if m is emb), None)
 
 
-def load_state(peft_model, state: dict, folder: str | os.PathLike, name: str = "default") -> None:
+def load_state(
+    peft_model, state: dict, folder: str | os.PathLike, name: str = "default", hint: str | None = None
+) -> None:
     """Copy adapter tensors into ``peft_model``'s adapter ``name``; every LoRA weight must find its place.
+
+    ``hint`` is the advice given on a shape mismatch (default: load the base the adapter was trained on).
 
     Raises:
         ModelLoadError: a tensor's shape differs from the model's (another base, rank or vocabulary),
@@ -236,11 +240,10 @@ def load_state(peft_model, state: dict, folder: str | os.PathLike, name: str = "
         result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
     except RuntimeError as e:  # load_state_dict's size mismatch
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:300])
-        trained_on = read_adapter_config(folder).get("base_model_name_or_path") or "another base"
-        raise ModelLoadError(
-            f"{folder}: the adapter does not fit this base model ({detail}); it was trained on "
-            f"{trained_on}: pass that base model (--model / base_model)"
-        ) from None
+        if hint is None:
+            trained_on = read_adapter_config(folder).get("base_model_name_or_path") or "another base"
+            hint = f"it was trained on {trained_on}: pass that base model (--model / base_model)"
+        raise ModelLoadError(f"{folder}: the adapter does not fit this model ({detail}); {hint}") from None
     unexpected = [k for k in result.unexpected_keys if _LORA_KEY.search(k)]
     missing = [k for k in result.missing_keys if _LORA_KEY.search(k) and f".{name}" in k]
     if unexpected or missing:

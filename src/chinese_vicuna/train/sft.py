@@ -32,8 +32,10 @@ from .checkpoint import (
     checkpoint_step,
     clean_partial,
     find_resume,
+    is_trainer_checkpoint,
     load_adapter_weights,
     prune_checkpoints,
+    resume_trainer_checkpoint,
     save_checkpoint,
 )
 from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
@@ -168,9 +170,13 @@ class SFTTrainer:
         return name
 
     def _resume(self, ckpt: Path, new_data: bool) -> None:
-        if self.cfg.lora.finetuning == "lora":
-            load_adapter_weights(self.accelerator.unwrap_model(self.wrapper).model, ckpt)
-        self.accelerator.load_state(str(ckpt))
+        model = self.accelerator.unwrap_model(self.wrapper).model
+        if is_trainer_checkpoint(ckpt):  # a transformers Trainer's (the seeds' scripts): adapter, AdamW, step
+            self.progress.step = resume_trainer_checkpoint(model, self.optimizer, self.scheduler, ckpt)
+        else:
+            if self.cfg.lora.finetuning == "lora":
+                load_adapter_weights(model, ckpt)
+            self.accelerator.load_state(str(ckpt))
         if new_data:
             self.progress.data_offset = self.progress.step
             self.progress.best_val = self.progress.best_step = None
