@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLES, make_tiny_llama, write_jsonl  # noqa: F401
+from helpers import SAMPLES, make_llama_sp_tokenizer, make_tiny_llama, write_jsonl  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +76,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tmp_path_factory):
+    """A LLaMA SentencePiece tokenizer (``▁`` pieces, byte fallback, BOS added) trained in-process."""
+    from chinese_vicuna.model.load import load_tokenizer
+
+    return load_tokenizer(str(make_llama_sp_tokenizer(tmp_path_factory.mktemp("llama-sp"))))
+
+
+@pytest.fixture(params=["smollm2", "llama"])
+def any_tokenizer(request, tokenizer, llama_tokenizer):
+    """Each test runs on SmolLM2's byte-level BPE and on a LLaMA SentencePiece tokenizer."""
+    return tokenizer if request.param == "smollm2" else llama_tokenizer

@@ -49,3 +49,39 @@ def run_cli(*args, check: bool = True, env: dict | None = None):
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+SP_ENGLISH = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "The following is a conversation between an AI assistant called Assistant and a human user called User.",
+    "The quick brown fox jumps over the lazy dog near the river bank, and 12345 numbers follow.",
+    "Language models learn to predict the next token from a large amount of text.",
+    "### Instruction: ### Input: ### Response: User: Assistant: Hello world, this is a test.",
+]
+
+
+def make_llama_sp_tokenizer(out_dir: Path, vocab_size: int = 2000) -> Path:
+    """A LLaMA-style SentencePiece tokenizer folder trained in-process on Chinese + English text.
+
+    BPE with byte fallback, ``<unk>``=0 ``<s>``=1 ``</s>``=2, identity normalisation and the
+    dummy-prefix ``▁``: what LLaMA-1/2 and Chinese-LLaMA ship. Loaded by transformers as
+    LlamaTokenizer with ``legacy: false`` (the behaviour of current LLaMA tokenizer configs).
+    """
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    zh = []
+    for line in (SAMPLES / "instruct.jsonl").read_text(encoding="utf-8").splitlines()[:60]:
+        rec = json.loads(line)
+        zh += [rec["instruction"], rec["output"]]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_ENGLISH * 10 + zh), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        minloglevel=2, normalization_rule_name="identity", character_coverage=0.9995, split_digits=True,
+        num_threads=1,
+    )  # fmt: skip
+    (out_dir / "tokenizer.vocab").unlink()
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048}  # fmt: skip
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out_dir

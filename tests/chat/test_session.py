@@ -39,7 +39,7 @@ def test_multi_turn_prompt_is_exact_for_vicuna_chat(engine):
     s = chat(engine, template="vicuna-chat")
     s.history = [("你好", "你好！有什么可以帮你？"), ("一加一等于几？", "等于二。")]
     want = (
-        HEADER + f"User:你好\n\nAssistant:你好！有什么可以帮你？{EOS}\n\nUser:一加一等于几？\n\nAssistant:等于二。{EOS}"
+        HEADER + "User:你好\n\nAssistant:你好！有什么可以帮你？\n\nUser:一加一等于几？\n\nAssistant:等于二。"
         "\n\nUser:再见\n\nAssistant:"
     )
     assert s.prompt_text("再见") == want
@@ -117,8 +117,8 @@ def test_oldest_turns_go_first_then_the_oldest_kept_is_shortened(engine):
     start = text.index("User:" + ELLIPSIS) + len("User:" + ELLIPSIS)
     end = text.index("\n\nAssistant:", start)
     assert turns[2][0].endswith(text[start:end]) and text[start:end]  # the beginning of turn 2 is cut
-    tail = "".join(f"\n\nUser:{u}\n\nAssistant:{a}{EOS}" for u, a in turns[3:])
-    assert text.endswith(f"Assistant:第2轮回答。{EOS}" + tail + "\n\nUser:最后的问题\n\nAssistant:")
+    tail = "".join(f"\n\nUser:{u}\n\nAssistant:{a}" for u, a in turns[3:])  # no EOS inside the history
+    assert text.endswith("Assistant:第2轮回答。" + tail + "\n\nUser:最后的问题\n\nAssistant:")
     # One token less room than the intact turns need: turn 3 is now the shortened one.
     s.max_memory = len(s._ids(turns[3:], message)) - 1
     assert s.prompt(message)[1].dropped_turns == 3

@@ -1,3 +1,5 @@
+import pytest
+
 from chinese_vicuna.data.formats import Conversation, Message, to_conversation
 from chinese_vicuna.data.templates import get_template
 
@@ -34,11 +36,12 @@ def test_alpaca_generation_prompt_ends_at_response():
 def test_vicuna_chat_exact_multi_turn():
     t = get_template("vicuna-chat")
     conv = to_conversation({"input": ["你好", "北京呢？"], "output": ["你好！", "是首都。"]}, "auto", "x:1")
-    want = VICUNA_HEADER + "User:你好\n\nAssistant:你好！<eos>\n\nUser:北京呢？\n\nAssistant:是首都。<eos>"
+    # Chinese-Vicuna's chat_prompt: history "User:{q}\n\nAssistant:{a}\n\n" without EOS; EOS after the final reply
+    want = VICUNA_HEADER + "User:你好\n\nAssistant:你好！\n\nUser:北京呢？\n\nAssistant:是首都。<eos>"
     assert t.text(conv, eos="<eos>") == want
     gen = Conversation(conv.messages[:3])
     assert t.text(gen, add_generation_prompt=True, eos="<eos>") == (
-        VICUNA_HEADER + "User:你好\n\nAssistant:你好！<eos>\n\nUser:北京呢？\n\nAssistant:"
+        VICUNA_HEADER + "User:你好\n\nAssistant:你好！\n\nUser:北京呢？\n\nAssistant:"
     )
 
 
@@ -55,10 +58,45 @@ def test_auto_template_matches_tokenizer_chat_template(tokenizer):
     conv = to_conversation({"messages": msgs}, "auto", "x:1")
     assert t.text(conv) == tokenizer.apply_chat_template(msgs, tokenize=False)
     segs = t.segments(conv)
-    replies = [s.text for s in segs if s.kind == "reply"]
-    assert replies == ["你好！<|im_end|>", "再见！<|im_end|>"]
-    assert not any(s.eos for s in segs)  # the template's own end marker is the EOS
+    assert [s.text for s in segs if s.kind == "reply"] == ["你好！", "再见！"]
+    assert [s.text for s in segs if s.kind == "end"] == ["<|im_end|>", "<|im_end|>"]  # the template's own marker
     prompt = Conversation(conv.messages[:3])
     assert t.text(prompt, add_generation_prompt=True) == tokenizer.apply_chat_template(
         msgs[:3], tokenize=False, add_generation_prompt=True
     )
+
+
+# --- the same templates as Jinja chat templates (what merge / export-gguf / vLLM get) -----------------
+
+JINJA_CASES = {
+    "plain": [{"role": "user", "content": "介绍长城"}, {"role": "assistant", "content": "长城很长"}],
+    "input": [{"role": "user", "content": "翻译成英文", "input": "你好"}, {"role": "assistant", "content": "Hello"}],
+    "system": [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "ok"}],
+    "multi": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+              {"role": "user", "content": "北京呢？", "input": "中国"}, {"role": "assistant", "content": "是首都。"}],
+}
+
+
+def as_conversation(msgs):
+    return Conversation([Message(m["role"], m["content"], m.get("input", "")) for m in msgs])
+
+
+@pytest.mark.parametrize("name,system_prompt", [("alpaca", None), ("alpaca", "你是医生。"), ("vicuna-chat", None),
+                                                ("vicuna-chat", "你是医生。"), ("auto", None), ("auto", "你是医生。")])
+@pytest.mark.parametrize("case", list(JINJA_CASES))
+def test_jinja_renders_what_we_train(tokenizer, name, system_prompt, case):
+    """transformers' apply_chat_template over template.jinja() == our text, full and as a prompt."""
+    t = get_template(name, tokenizer, system_prompt)
+    jinja = t.jinja()
+    msgs = JINJA_CASES[case]
+    if name == "auto":  # the tokenizer's own template knows no Alpaca input block
+        msgs = [{k: v for k, v in m.items() if k != "input"} for m in msgs]
+    eos = tokenizer.eos_token
+    got = tokenizer.apply_chat_template(msgs, chat_template=jinja, tokenize=False)
+    assert got == t.text(as_conversation(msgs), eos=eos)
+    prompt = msgs[:-1]
+    got = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+    assert got == t.text(as_conversation(prompt), add_generation_prompt=True, eos=eos)
+    if system_prompt and case != "system":
+        assert system_prompt in got

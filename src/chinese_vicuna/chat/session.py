@@ -290,7 +290,8 @@ class ChatSession:
 
         if fits(turns, message):
             return self._ids(turns, message), Trim()
-        # Prompt length is a sum over separately tokenized segments, so it falls as turns go.
+        # The prompt is tokenized as one string: its length falls (nearly) monotonically as turns go;
+        # _smallest re-checks the answer it finds.
         drop = _smallest(1, len(turns), lambda k: fits(turns[k:], message))
         if drop is not None:
             old_user, old_reply = turns[drop - 1]

@@ -1,33 +1,45 @@
 """Named prompt templates. A template turns a Conversation into ordered text *segments*.
 
-Each segment says what it is (fixed template text, user text, or a reply) so that
-``tokenize.render`` can build ``input_ids`` and ``labels`` from the very same pieces, and so
-that truncation knows which text may be shortened. The template name is saved with every
-adapter (``chinese_vicuna.json``) and reused at inference.
+Each segment says what it is (fixed template text, user text, a reply, or the reply's end
+marker) so that ``tokenize.Renderer`` can tokenize the whole string once and label exactly the
+reply characters, and so that truncation knows which text may be shortened. The template name is
+saved with every adapter (``chinese_vicuna.json``) and reused at inference; ``jinja()`` writes the
+same template as a Jinja ``chat_template`` so that transformers, llama.cpp and vLLM render the
+very prompt the adapter was trained on.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
 from .formats import Conversation, Message
 
-SegmentKind = Literal["template", "user", "reply"]
+SegmentKind = Literal["template", "user", "reply", "end"]
 
 
 @dataclass
 class Segment:
     text: str
     kind: SegmentKind
+    """``end`` is the reply's terminator (EOS, ``<|im_end|>``...): trained with the reply, never cut."""
     turn: int
     """Index of the user/assistant exchange this text belongs to (-1 = header/system)."""
-    eos: bool = False
-    """Append the tokenizer's EOS id after this text (replies of templates with no end marker)."""
 
 
 class TemplateError(ValueError):
     """A template cannot render this conversation."""
+
+
+def jinja_literal(text: str) -> str:
+    """``text`` as a Jinja string literal (JSON escapes are Jinja's and minja's escapes too)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def user_text(message: Message) -> str:
+    """A user message as one string, for templates without an ``Input`` block of their own."""
+    return message.content + (("\n" + message.context) if message.context else "")
 
 
 class PromptTemplate:
@@ -38,16 +50,39 @@ class PromptTemplate:
     def __init__(self, system_prompt: str | None = None):
         self.system_prompt = system_prompt
 
-    def segments(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
-        """Render ``conv``; with ``add_generation_prompt`` it must end on a user message."""
+    def segments(self, conv: Conversation, add_generation_prompt: bool = False, eos: str = "") -> list[Segment]:
+        """Render ``conv`` (``eos``: the tokenizer's EOS text); with ``add_generation_prompt`` it must end on a user message."""
         raise NotImplementedError
 
     def text(self, conv: Conversation, add_generation_prompt: bool = False, eos: str = "") -> str:
-        """The plain string (EOS shown as ``eos``); handy for tests and ``data inspect``."""
-        return "".join(s.text + (eos if s.eos else "") for s in self.segments(conv, add_generation_prompt))
+        """The plain string (EOS written as ``eos``): exactly what is tokenized."""
+        return "".join(s.text for s in self.segments(conv, add_generation_prompt, eos))
+
+    def jinja(self) -> str:
+        """This template (with its system prompt) as a Jinja chat template over ``messages``.
+
+        Messages are ``{"role", "content"}`` dicts; a user message may carry Alpaca's ``input``.
+        ``apply_chat_template`` renders the same string as :meth:`text` with the tokenizer's EOS.
+        """
+        raise NotImplementedError
+
+    def end_token_ids(self) -> list[int]:
+        """Token ids besides the tokenizer's EOS that end a reply in this template (none here)."""
+        return []
 
     def _system(self, conv: Conversation) -> str:
         return conv.system if conv.system is not None else (self.system_prompt or self.default_system)
+
+    def _system_jinja(self) -> str:
+        """Jinja that writes the header (the system message's text or the default) + ``\\n\\n``."""
+        default = self.system_prompt or self.default_system
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'] + '\\n\\n' -}}{%- set loop_messages = messages[1:] -%}"
+            "{%- else -%}"
+            f"{{{{- {jinja_literal(default + chr(10) * 2)} -}}}}{{%- set loop_messages = messages -%}}"
+            "{%- endif -%}\n"
+        )
 
 
 def _pairs(conv: Conversation, add_generation_prompt: bool) -> list[tuple[Message, Message | None]]:
@@ -58,9 +93,12 @@ def _pairs(conv: Conversation, add_generation_prompt: bool) -> list[tuple[Messag
         if not turns or turns[-1].role != "user":
             raise TemplateError("a generation prompt needs a conversation ending with a user message")
         turns = turns + [None]  # type: ignore[list-item]
-    if len(turns) % 2:
-        raise TemplateError(f"{conv.source}: expected user/assistant pairs")
+    if len(turns) % 2 or any(m is not None and m.role != r for m, r in zip(turns, ["user", "assistant"] * len(turns))):
+        raise TemplateError(f"{conv.source}: expected alternating user/assistant messages")
     return [(turns[i], turns[i + 1]) for i in range(0, len(turns), 2)]  # type: ignore[misc]
+
+
+_JINJA_INPUT = "message['input'] is defined and message['input']"
 
 
 class AlpacaTemplate(PromptTemplate):
@@ -77,7 +115,7 @@ class AlpacaTemplate(PromptTemplate):
         "the request.\n\n"
     )
 
-    def segments(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+    def segments(self, conv: Conversation, add_generation_prompt: bool = False, eos: str = "") -> list[Segment]:
         pairs = _pairs(conv, add_generation_prompt)
         if conv.system is not None or self.system_prompt:
             header = self._system(conv) + "\n\n"
@@ -92,12 +130,38 @@ class AlpacaTemplate(PromptTemplate):
                 segs.append(Segment(user.context, "user", k))
             segs.append(Segment("\n\n### Response:\n", "template", k))
             if reply is not None:
-                segs.append(Segment(reply.content, "reply", k, eos=True))
+                segs += [Segment(reply.content, "reply", k), Segment(eos, "end", k)]
         return segs
+
+    def jinja(self) -> str:
+        if self.system_prompt:
+            header = self._system_jinja()
+        else:
+            first = "loop_messages and loop_messages[0]['input'] is defined and loop_messages[0]['input']"
+            header = (
+                "{%- if messages and messages[0]['role'] == 'system' -%}"
+                "{{- messages[0]['content'] + '\\n\\n' -}}{%- set loop_messages = messages[1:] -%}"
+                "{%- else -%}{%- set loop_messages = messages -%}"
+                f"{{{{- {jinja_literal(self.header_input)} if {first} else {jinja_literal(self.header_plain)} -}}}}"
+                "{%- endif -%}\n"
+            )
+        return header + (
+            "{%- for message in loop_messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{{- ('\\n\\n' if not loop.first else '') + '### Instruction:\\n' + message['content'] -}}"
+            f"{{%- if {_JINJA_INPUT} -%}}{{{{- '\\n\\n### Input:\\n' + message['input'] -}}}}{{%- endif -%}}"
+            "{{- '\\n\\n### Response:\\n' -}}"
+            "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
 
 
 class VicunaChatTemplate(PromptTemplate):
-    """Chinese-Vicuna's chat prompt: a header, then ``User:{q}\\n\\nAssistant:{a}\\n\\n`` per turn."""
+    """Chinese-Vicuna's chat prompt, exactly as its ``chat_prompt`` builds it.
+
+    A header, then ``User:{q}\\n\\nAssistant:{a}\\n\\n`` per history turn (no EOS inside the
+    history), then ``User:{q}\\n\\nAssistant:``; EOS follows only the final reply.
+    """
 
     name = "vicuna-chat"
     stop_strings = ("User:", "\nUser")
@@ -106,22 +170,44 @@ class VicunaChatTemplate(PromptTemplate):
         "called User. The assistant is intelligent, knowledgeable and polite to answer questions of user."
     )
 
-    def segments(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
+    def segments(self, conv: Conversation, add_generation_prompt: bool = False, eos: str = "") -> list[Segment]:
         segs = [Segment(self._system(conv) + "\n\n", "template", -1)]
-        for k, (user, reply) in enumerate(_pairs(conv, add_generation_prompt)):
+        pairs = _pairs(conv, add_generation_prompt)
+        for k, (user, reply) in enumerate(pairs):
             segs.append(Segment(("\n\n" if k else "") + "User:", "template", k))
-            segs.append(Segment(user.content + (("\n" + user.context) if user.context else ""), "user", k))
+            segs.append(Segment(user_text(user), "user", k))
             segs.append(Segment("\n\nAssistant:", "template", k))
             if reply is not None:
-                segs.append(Segment(reply.content, "reply", k, eos=True))
+                segs.append(Segment(reply.content, "reply", k))
+                if k == len(pairs) - 1:
+                    segs.append(Segment(eos, "end", k))
         return segs
+
+    def jinja(self) -> str:
+        return self._system_jinja() + (
+            "{%- for message in loop_messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{{- ('\\n\\n' if not loop.first else '') + 'User:' + message['content'] -}}"
+            f"{{%- if {_JINJA_INPUT} -%}}{{{{- '\\n' + message['input'] -}}}}{{%- endif -%}}"
+            "{{- '\\n\\nAssistant:' -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- message['content'] + (eos_token if loop.last else '') -}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+
+
+# Private-use code points: stand-ins for message contents while locating them in a render.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 
 
 class ChatTemplate(PromptTemplate):
     """The tokenizer's own Jinja chat template (``template: auto``).
 
-    Segments come from rendering growing prefixes of the conversation and taking the string
-    differences, so the trained span is known exactly without re-tokenizing and guessing lengths.
+    The conversation is rendered once with a unique stand-in for every message content; the
+    stand-ins give each content's exact place, and replacing them gives the real prompt (checked
+    against a real render). Cost is linear in the number of turns. A reply's terminator is what
+    the template writes after an assistant message up to its last special token (``<|im_end|>``,
+    ``<|eot_id|>``, `` </s>``): it is trained with the reply and ends generation.
     """
 
     name = "auto"
@@ -132,56 +218,92 @@ class ChatTemplate(PromptTemplate):
             raise TemplateError("template 'auto' needs a tokenizer with a chat_template; use alpaca or vicuna-chat")
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token or ""
+        self.terminator = self._find_terminator()
+        self.stop_strings = (self.terminator.strip(),) if self.terminator.strip() else ()
+
+    def end_token_ids(self) -> list[int]:
+        """The terminator's special token (``<|eot_id|>``...): generation must stop on it."""
+        tok = self.tokenizer
+        ids = tok(self.terminator.strip(), add_special_tokens=False)["input_ids"] if self.terminator.strip() else []
+        return ids[-1:] if ids and ids[-1] != tok.unk_token_id else []
 
     def _render(self, msgs: list[dict], gen: bool) -> str:
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # a Jinja TemplateError or a raise_exception() in the template
+            raise TemplateError(f"the tokenizer's chat template cannot render this conversation: {e}") from e
 
-    def _prompt_segments(self, chunk: str, users: list[Message], turn: int) -> list[Segment]:
-        out, pos = [], 0
-        for u in users:
-            text = u.content + (("\n" + u.context) if u.context else "")
-            i = chunk.find(text, pos) if text else -1
-            if i < 0:
-                continue
-            if i > pos:
-                out.append(Segment(chunk[pos:i], "template", turn))
-            out.append(Segment(text, "user", turn))
-            pos = i + len(text)
-        if pos < len(chunk):
-            out.append(Segment(chunk[pos:], "template", turn))
+    def _find_terminator(self) -> str:
+        probe = "\ue002"
+        tail = self._render([{"role": "user", "content": "\ue003"}, {"role": "assistant", "content": probe}], False)
+        tail = tail[tail.find(probe) + len(probe):] if probe in tail else ""
+        specials = [t for t in self.tokenizer.all_special_tokens if t] + [
+            t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special
+        ]
+        end = max((tail.find(t) + len(t) for t in set(specials) if t in tail), default=0)
+        return tail[:end]
+
+    def _messages(self, conv: Conversation, pairs) -> list[tuple[str, str, int]]:
+        """(role, content, turn) for each message to render."""
+        system = conv.system if conv.system is not None else self.system_prompt
+        out = [("system", system, -1)] if system else []
+        for k, (user, reply) in enumerate(pairs):
+            out.append(("user", user_text(user), k))
+            if reply is not None:
+                out.append(("assistant", reply.content, k))
         return out
 
-    def segments(self, conv: Conversation, add_generation_prompt: bool = False) -> list[Segment]:
-        pairs = _pairs(conv, add_generation_prompt)
-        msgs: list[dict] = []
-        system = conv.system if conv.system is not None else self.system_prompt
-        if system:
-            msgs.append({"role": "system", "content": system})
+    def segments(self, conv: Conversation, add_generation_prompt: bool = False, eos: str = "") -> list[Segment]:
+        msgs = self._messages(conv, _pairs(conv, add_generation_prompt))
+        marked = self._render(
+            [{"role": r, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, (r, _, _) in enumerate(msgs)],
+            add_generation_prompt,
+        )
         segs: list[Segment] = []
-        prev = ""
-        for k, (user, reply) in enumerate(pairs):
-            msgs.append({"role": "user", "content": user.content + (("\n" + user.context) if user.context else "")})
-            prompt = self._render(msgs, gen=True)
-            if not prompt.startswith(prev):
-                raise TemplateError("the chat template is not prefix-stable; use alpaca or vicuna-chat")
-            segs += self._prompt_segments(prompt[len(prev):], [user], k)
-            if reply is None:
-                break
-            msgs.append({"role": "assistant", "content": reply.content})
-            full = self._render(msgs, gen=False)
-            if not full.startswith(prompt):
-                raise TemplateError("the chat template is not prefix-stable; use alpaca or vicuna-chat")
-            tail = full[len(prompt):]
-            end = tail.find(reply.content)
-            end = len(tail) if end < 0 else end + len(reply.content)
-            has_eos = bool(self.eos) and tail.startswith(self.eos, end)
-            if has_eos:
-                end += len(self.eos)
-            segs.append(Segment(tail[:end], "reply", k, eos=not has_eos))
-            if tail[end:]:
-                segs.append(Segment(tail[end:], "template", k))
-            prev = full
+        pos, turn = 0, -1
+        for i, (role, content, k) in enumerate(msgs):
+            mark = f"{_MARK_OPEN}{i}{_MARK_CLOSE}"
+            at = marked.find(mark, pos)
+            if at < 0:
+                raise TemplateError(f"the chat template drops or rewrites a {role} message; use alpaca or vicuna-chat")
+            if at > pos:
+                segs.append(Segment(marked[pos:at], "template", turn))
+            turn = k
+            pos = at + len(mark)
+            if role == "assistant":
+                segs.append(Segment(content, "reply", k))
+                if self.terminator and marked.startswith(self.terminator, pos):
+                    segs.append(Segment(self.terminator, "end", k))
+                    pos += len(self.terminator)
+                elif not self.terminator:  # the template ends replies with nothing: EOS makes them stop
+                    segs.append(Segment(self.eos, "end", k))
+            else:
+                segs.append(Segment(content, "user" if role == "user" else "template", k))
+        if pos < len(marked):
+            segs.append(Segment(marked[pos:], "template", turn))
+        real = self._render([{"role": r, "content": c} for r, c, _ in msgs], add_generation_prompt)
+        if "".join(s.text for s in segs if not (s.kind == "end" and not self.terminator)) != real:
+            raise TemplateError("the chat template rewrites message contents (e.g. strips them); use alpaca or vicuna-chat")
         return segs
+
+    def jinja(self) -> str:
+        if not self.system_prompt:
+            return self.tokenizer.chat_template
+        # The adapter's system prompt becomes the default system message of the same template.
+        return (
+            "{%- if not messages or messages[0]['role'] != 'system' -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {jinja_literal(self.system_prompt)}}}] + messages -%}}"
+            "{%- endif -%}\n" + self.tokenizer.chat_template
+        )
+
+
+def add_eos_ids(generation_config, ids: list[int]) -> None:
+    """Add a template's end tokens to a generation config's EOS ids (HF generate, vLLM stop there)."""
+    if generation_config is None or not ids:
+        return
+    have = generation_config.eos_token_id
+    have = [have] if isinstance(have, int) else list(have or [])
+    generation_config.eos_token_id = have + [i for i in ids if i not in have]
 
 
 TEMPLATES = {"alpaca": AlpacaTemplate, "vicuna-chat": VicunaChatTemplate}

@@ -1,18 +1,22 @@
-"""Conversation -> (input_ids, labels), built from the template's own segments.
+"""Conversation -> (input_ids, labels): the whole rendered string, tokenized once.
 
-The label mask comes from the same pieces as the text (never from re-tokenizing a prefix and
-guessing its length): each segment is tokenized once, and its ids are copied to ``labels`` when
-the segment is trained, else ``-100``. Replies end with EOS, which is trained with the reply and
-survives truncation.
+The template gives the text as segments (template text, user text, reply, reply terminator).
+The segments are joined into one string, which is tokenized in a single call, exactly as vLLM,
+llama.cpp, Ollama and the seed projects tokenize a prompt (tokenizing the pieces one by one would
+give a SentencePiece tokenizer a ``▁`` at every piece start). The character offsets of the tokens
+then say which tokens lie in a trained reply: a token is trained when its characters overlap a
+trained segment. The terminator (EOS, or the template's own end marker) is trained with the reply
+and survives truncation.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Literal
 
 from .formats import Conversation
-from .templates import PromptTemplate, Segment
+from .templates import PromptTemplate, Segment, TemplateError
 
 IGNORE = -100
 MaskMode = Literal["assistant", "last", "none"]
@@ -30,9 +34,27 @@ class Sample:
 
 
 @dataclass
-class _Piece:
+class _Encoded:
+    """One tokenized render: ids, and for each token the index of the segment it starts in."""
+
     ids: list[int]
-    seg: Segment
+    offsets: list[tuple[int, int]]
+    segs: list[Segment]
+    starts: list[int]
+    """Character offset where each segment starts."""
+    prefix: int = 0
+    """Tokens added before the text (BOS), in no segment."""
+
+    def owners(self, i: int) -> range:
+        """Indices of the segments token ``i`` overlaps (empty for an added BOS)."""
+        if i < self.prefix:
+            return range(0)
+        s, e = self.offsets[i]
+        if e <= s:
+            e = s + 1  # a zero-width token belongs where it stands
+        first = max(bisect_right(self.starts, s) - 1, 0)
+        last = max(bisect_right(self.starts, e - 1) - 1, first)
+        return range(first, last + 1)
 
 
 def adds_bos(tokenizer) -> bool:
@@ -54,6 +76,8 @@ class Renderer:
     ):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; replies could never end")
+        if not getattr(tokenizer, "is_fast", True):
+            raise TemplateError("exact label masks need a fast (tokenizers-backed) tokenizer with character offsets")
         self.tokenizer = tokenizer
         self.template = template
         self.cutoff_len = cutoff_len
@@ -65,65 +89,96 @@ class Renderer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def _pieces(self, conv: Conversation, gen: bool = False) -> list[_Piece]:
-        return [_Piece(self.encode(s.text), s) for s in self.template.segments(conv, add_generation_prompt=gen)]
+    def _encode(self, conv: Conversation, gen: bool = False) -> _Encoded:
+        segs = [s for s in self.template.segments(conv, gen, self.tokenizer.eos_token) if s.text]
+        text = "".join(s.text for s in segs)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        # BOS as the model expects it, once: a template that writes {{ bos_token }} already has it.
+        prefix = 1 if self.bos and ids[:1] != self.bos else 0
+        if prefix:
+            ids, offsets = self.bos + ids, [(0, 0), *offsets]
+        starts, pos = [], 0
+        for s in segs:
+            starts.append(pos)
+            pos += len(s.text)
+        return _Encoded(ids, offsets, segs, starts, prefix)
 
-    def _assemble(self, pieces: list[_Piece]) -> Sample:
-        last_turn = max((p.seg.turn for p in pieces), default=-1)
-        ids, labels = list(self.bos), [IGNORE] * len(self.bos)
-        for p in pieces:
-            piece = p.ids + ([self.eos] if p.seg.eos else [])
-            trained = self.mask == "none" or (
-                p.seg.kind == "reply" and (self.mask == "assistant" or p.seg.turn == last_turn)
-            )
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
+    def _trained(self, seg: Segment, last_turn: int) -> bool:
+        if self.mask == "none":
+            return True
+        return seg.kind in ("reply", "end") and (self.mask == "assistant" or seg.turn == last_turn)
+
+    def _sample(self, enc: _Encoded, drop: set[int] = frozenset()) -> Sample:  # type: ignore[assignment]
+        last_turn = max((s.turn for s in enc.segs), default=-1)
+        ids, labels = [], []
+        for i, tok in enumerate(enc.ids):
+            if i in drop:
+                continue
+            owners = enc.owners(i)
+            trained = any(self._trained(enc.segs[j], last_turn) for j in owners)
+            ids.append(tok)
+            labels.append(tok if trained else IGNORE)
         return Sample(ids, labels)
-
-    @staticmethod
-    def _length(pieces: list[_Piece]) -> int:
-        return sum(len(p.ids) + p.seg.eos for p in pieces)
 
     def render(self, conv: Conversation) -> Sample | None:
         """Tokenize a training conversation; ``None`` when it is too long and overlong=drop.
 
         Over-long conversations lose their oldest whole turns first, then the end of the final
-        user text, then the tail of the final reply (whose EOS is kept).
+        user text (latest block first), then the tail of the final reply (whose terminator is kept).
         """
-        budget = self.cutoff_len - len(self.bos)
-        pieces = self._pieces(conv)
-        if self._length(pieces) <= budget:
-            return self._assemble(pieces)
+        enc = self._encode(conv)
+        if len(enc.ids) <= self.cutoff_len:
+            return self._sample(enc)
         if self.overlong == "drop":
             return None
-        system = [m for m in conv.messages if m.role == "system"]
-        turns = conv.turns
-        for start in range(2, len(turns) - 1, 2):
-            pieces = self._pieces(Conversation(system + turns[start:], conv.source))
-            if self._length(pieces) <= budget:
-                sample = self._assemble(pieces)
-                sample.truncated = True
-                return sample
-        over = self._length(pieces) - budget
-        for p in reversed(pieces):  # shorten user text of the final turn, latest block first
-            if over > 0 and p.seg.kind == "user":
-                cut = min(over, len(p.ids) - 1)
-                p.ids = p.ids[: len(p.ids) - cut]
-                over -= cut
-        reply = pieces[-1] if pieces and pieces[-1].seg.kind == "reply" else None
-        if over > 0 and reply is not None:
-            cut = min(over, len(reply.ids))
-            reply.ids = reply.ids[: len(reply.ids) - cut]
-            over -= cut
+        enc = self._drop_old_turns(conv, enc)
+        over = len(enc.ids) - self.cutoff_len
+        drop: set[int] = set()
+        last_turn = max(s.turn for s in enc.segs)
+        cuttable = [j for j, s in enumerate(enc.segs) if s.turn == last_turn and s.kind == "user"][::-1]
+        cuttable += [j for j, s in enumerate(enc.segs) if s.turn == last_turn and s.kind == "reply"]
+        for j in cuttable:
+            if over <= 0:
+                break
+            inside = [i for i in range(len(enc.ids)) if list(enc.owners(i)) == [j]]
+            keep = 1 if enc.segs[j].kind == "user" else 0  # a user block keeps a token; a reply may go
+            for i in reversed(inside[keep:]):
+                if over <= 0:
+                    break
+                drop.add(i)
+                over -= 1
         if over > 0:
             return None  # the template text alone does not fit the cutoff
-        sample = self._assemble(pieces)
+        sample = self._sample(enc, drop)
         sample.truncated = True
         return sample
 
+    def _drop_old_turns(self, conv: Conversation, enc: _Encoded) -> _Encoded:
+        """Drop the fewest oldest exchanges that bring the sample under the cutoff (keep the last)."""
+        turns = conv.turns
+        n_pairs = len(turns) // 2
+        if n_pairs < 2:
+            return enc
+        per_turn = [0] * n_pairs
+        for i in range(len(enc.ids)):
+            owners = enc.owners(i)
+            if owners and 0 <= enc.segs[owners[0]].turn < n_pairs:
+                per_turn[enc.segs[owners[0]].turn] += 1
+        system = [m for m in conv.messages if m.role == "system"]
+        over, k = len(enc.ids) - self.cutoff_len, 0
+        while k < n_pairs - 1 and over > 0:  # a first guess from this render's token counts
+            over -= per_turn[k]
+            k += 1
+        while True:  # merges at the new start can differ by a token: re-check, drop one more if needed
+            shorter = self._encode(Conversation(system + turns[2 * k :], conv.source))
+            if len(shorter.ids) <= self.cutoff_len or k == n_pairs - 1:
+                return shorter
+            k += 1
+
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """Token ids of a generation prompt (conversation ending with the user's message)."""
-        return self._assemble(self._pieces(conv, gen=True)).input_ids
+        return self._encode(conv, gen=True).ids
 
     def text_ids(self, text: str) -> list[int]:
         """Raw text for continued pre-training: BOS? + tokens + EOS, every token trained."""

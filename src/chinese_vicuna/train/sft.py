@@ -338,7 +338,14 @@ class SFTTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
+            # The trained template as the folder's own chat template: vLLM (--lora-modules) and
+            # transformers users render the prompt the adapter learned.
+            own = self.tokenizer.chat_template
+            self.tokenizer.chat_template = self.template.jinja()
+            try:
+                self.tokenizer.save_pretrained(str(tmp))
+            finally:
+                self.tokenizer.chat_template = own
             for name, text in self._extra_files().items():
                 (tmp / name).write_text(text, encoding="utf-8")
             for f in tmp.iterdir():

@@ -1,0 +1,109 @@
+"""``template: auto`` with ChatML-, Llama-3- and Llama-2-style templates on a LLaMA SentencePiece
+tokenizer: one BOS, the template's own terminator trained and stopped on, truncation keeps it."""
+
+import pytest
+
+from chinese_vicuna.data.formats import Conversation, Message, to_conversation
+from chinese_vicuna.data.templates import get_template
+from chinese_vicuna.data.tokenize import IGNORE, Renderer
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+SPECIALS = {"chatml": ["<|im_start|>", "<|im_end|>"], "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            "llama2": []}
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2}
+END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": "</s>"}
+MSGS = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "北京是哪里？"},
+        {"role": "assistant", "content": "北京是中国的首都。"}]
+
+
+@pytest.fixture(params=list(TEMPLATES))
+def styled(request, tmp_path_factory):
+    """(style, tokenizer): the LLaMA SentencePiece tokenizer with the style's special tokens and template."""
+    from helpers import make_llama_sp_tokenizer
+    from transformers import AddedToken
+
+    from chinese_vicuna.model.load import load_tokenizer
+
+    style = request.param
+    tok = load_tokenizer(str(make_llama_sp_tokenizer(tmp_path_factory.mktemp(style))))
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS[style]], special_tokens=True)
+    tok.chat_template = TEMPLATES[style]
+    return style, tok
+
+
+def trained_ids(sample):
+    return [t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE]
+
+
+def test_one_bos_whole_string_and_terminator(styled):
+    style, tok = styled
+    t = get_template("auto", tok)
+    end_id = tok.convert_tokens_to_ids(END[style])
+    assert t.end_token_ids() == [end_id]
+    conv = to_conversation({"messages": MSGS}, "auto", "x:1")
+    s = Renderer(tok, t, cutoff_len=1024).render(conv)
+    text = tok.apply_chat_template(MSGS, tokenize=False)
+    assert t.text(conv, eos=tok.eos_token) == text
+    # the ids are the rendered string tokenized once, with exactly one BOS
+    bos_in_text = text.startswith(tok.bos_token)
+    assert s.input_ids == tok(text, add_special_tokens=not bos_in_text)["input_ids"]
+    assert s.input_ids[0] == tok.bos_token_id and s.input_ids[1] != tok.bos_token_id
+    # both replies and their terminators are trained; EOS is not appended when the template has its own end
+    trained = trained_ids(s)
+    assert trained.count(end_id) == 2 and trained[-1] == end_id
+    if style != "llama2":
+        assert tok.eos_token_id not in s.input_ids
+    replies = tok.decode(trained, skip_special_tokens=True)
+    assert "你好！有什么可以帮你？" in replies and "北京是中国的首都。" in replies and "北京是哪里" not in replies
+    # the prompt for generation: the template's own, tokenized the same way
+    prompt = Conversation(conv.messages[:-1])
+    ptext = tok.apply_chat_template(MSGS[:-1], tokenize=False, add_generation_prompt=True)
+    assert Renderer(tok, t).prompt_ids(prompt) == tok(ptext, add_special_tokens=not bos_in_text)["input_ids"]
+
+
+def test_overlong_samples_are_truncated_with_the_terminator(styled):
+    style, tok = styled
+    t = get_template("auto", tok)
+    end_id = tok.convert_tokens_to_ids(END[style])
+    conv = Conversation([Message("user", "问题"), Message("assistant", "回答" * 200)])
+    full = Renderer(tok, t, cutoff_len=4096).render(conv)
+    s = Renderer(tok, t, cutoff_len=len(full.input_ids) - 50).render(conv)
+    assert s is not None and s.truncated and len(s.input_ids) == len(full.input_ids) - 50
+    trained = trained_ids(s)
+    assert trained[-1] == end_id and trained.count(end_id) == 1
+    body = tok.decode(trained[:-1], skip_special_tokens=True).strip()
+    assert "回答回答" in body and set(body) <= set("回答") and len(body) < 400
+    assert full.trained - 50 <= s.trained < full.trained
+
+
+def test_engine_stops_on_the_terminator(styled, tmp_path):
+    """Generation ends on the template's terminator even when it is not the tokenizer's EOS."""
+    from helpers import make_tiny_llama
+
+    from chinese_vicuna.generation.decode import eos_ids
+    from chinese_vicuna.generation.engine import Engine
+
+    style, tok = styled
+    model = make_tiny_llama(len(tok))
+    engine = Engine(model, tok, get_template("auto", tok))
+    assert tok.convert_tokens_to_ids(END[style]) in eos_ids(engine.model, tok)
+    assert tok.eos_token_id in eos_ids(engine.model, tok)
