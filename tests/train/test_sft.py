@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
@@ -40,6 +41,25 @@ def adapter(out_dir):
     return load_file(str(Path(out_dir) / "adapter_model.safetensors"))
 
 
+@pytest.fixture
+def varied_file(tmp_path):
+    """Samples from 69 to 205 tokens (trained tokens 22 to 158): padding and per-token weighting matter."""
+    rows = [
+        {"instruction": f"问题{i}：{'天空为什么是蓝色的' if i % 2 else '一加一等于几'}？", "input": "",
+         "output": "【答】" + "这是因为阳光被散射。" * ((i * 7) % 9) + "希望对你有帮助！"}
+        for i in range(40)
+    ]
+    return write_jsonl(tmp_path / "varied.jsonl", rows)
+
+
+VARIED = dict(cutoff_len=256)
+
+
+def assert_lengths_vary(trainer, factor=2.9):
+    lengths = trainer.lengths
+    assert max(lengths) >= factor * min(lengths) and max(lengths) < trainer.cfg.data.cutoff_len, (min(lengths), max(lengths))
+
+
 def test_training_learns_and_writes_outputs(tiny_model_dir, alpaca_file, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, out, max_steps=30, val_size=4, eval_steps=10,
@@ -64,10 +84,13 @@ def test_training_learns_and_writes_outputs(tiny_model_dir, alpaca_file, tmp_pat
     torch.testing.assert_close(peft(ids).logits, ours(ids).logits)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, alpaca_file, tmp_path):
-    common = dict(max_steps=2, lora_dropout=0.0, batch_size=4)
-    run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "a", micro_batch_size=1, **common)), progress_bar=False)
-    run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "b", micro_batch_size=4, **common)), progress_bar=False)
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, varied_file, tmp_path):
+    common = dict(max_steps=2, lora_dropout=0.0, batch_size=4, **VARIED)
+    ta = run_training(load_config(None, overrides(tiny_model_dir, varied_file, tmp_path / "a", micro_batch_size=1, **common)), progress_bar=False)
+    tb = run_training(load_config(None, overrides(tiny_model_dir, varied_file, tmp_path / "b", micro_batch_size=4, **common)), progress_bar=False)
+    assert_lengths_vary(ta)
+    # the big batch really is padded: its rows have different lengths
+    assert len({int(m.sum()) for m in tb.step_batches(0)[0]["attention_mask"]}) > 1
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert la.keys() == lb.keys()
     for k in la:
@@ -92,10 +115,11 @@ KILLER = textwrap.dedent(
 )
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tmp_path):
-    common = dict(max_steps=7, save_steps=3, val_size=4, eval_steps=2)
+def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, varied_file, tmp_path):
+    alpaca_file = varied_file
+    common = dict(max_steps=7, save_steps=3, val_size=4, eval_steps=2, **VARIED)
     ref = tmp_path / "ref"
-    run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, ref, **common)), progress_bar=False)
+    assert_lengths_vary(run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, ref, **common)), progress_bar=False))
 
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILLER, *overrides(tiny_model_dir, alpaca_file, out, **common)],
@@ -139,11 +163,31 @@ def test_init_adapter_and_new_data(tiny_model_dir, alpaca_file, tmp_path):
     assert [b["input_ids"].tolist() for b in t.step_batches(4)] == want
 
 
-def test_packing_trains(tiny_model_dir, alpaca_file, tmp_path):
-    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "p", max_steps=3, packing="true"))
+def test_packing_trains(tiny_model_dir, varied_file, tmp_path):
+    cfg = load_config(None, overrides(tiny_model_dir, varied_file, tmp_path / "p", max_steps=16, packing="true",
+                                      lora_dropout=0.0, lora_target_modules="all-linear", lora_r=8, learning_rate=1e-2,
+                                      **VARIED))
     t = run_training(cfg, progress_bar=False)
-    assert t.step_batches(0)[0]["input_ids"].shape[0] == 1  # one packed row per micro-batch
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in t.history if "loss" in r)
+    packed = t.step_batches(0)[0]
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # one packed row per micro-batch
+    ls = losses(tmp_path / "p")
+    assert sum(ls[k] for k in (14, 15, 16)) / 3 < sum(ls[k] for k in (1, 2, 3)) / 3 - 0.5, ls  # it learns
+    # The packed row gives exactly the loss of the same samples padded side by side: position ids
+    # restart per sample and no sample attends to another.
+    from chinese_vicuna.data.collate import collate
+
+    mb = t._epoch_plan(0)[0]
+    assert len(mb) >= 3
+    samples = [t.data.train[i] for i in mb]
+    padded = collate(samples, t.tokenizer.pad_token_id)
+    wrapper = t.accelerator.unwrap_model(t.wrapper).eval()
+    with torch.no_grad():
+        loss_packed, n_packed = wrapper(**packed)
+        loss_padded, n_padded = wrapper(**padded)
+        alone = sum(float(wrapper(**collate([s], t.tokenizer.pad_token_id))[0]) for s in samples)
+    assert int(n_packed) == int(n_padded) > 0
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=0)
+    assert abs(float(loss_packed) - alone) < 1e-5 * alone  # and each sample's loss as if it were alone
 
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
@@ -158,16 +202,99 @@ def test_qlora_on_cpu(tiny_model_dir, alpaca_file, tmp_path, quant):
 
 
 def test_full_finetune(tiny_model_dir, alpaca_file, tmp_path):
-    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "full", max_steps=3, finetuning="full", learning_rate=1e-3))
-    run_training(cfg, progress_bar=False)
-    assert (tmp_path / "full" / "model.safetensors").exists()
-    assert (tmp_path / "full" / "config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, out, max_steps=12, finetuning="full", learning_rate=1e-3))
+    t = run_training(cfg, progress_bar=False)
+    ls = losses(out)
+    assert sum(ls[k] for k in (10, 11, 12)) / 3 < sum(ls[k] for k in (1, 2, 3)) / 3 - 1.0, ls  # it learns
+    trained = t.accelerator.unwrap_model(t.wrapper).model.eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = dict(base.named_parameters())
+    after = dict(trained.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(p.dtype == torch.float32 for p in after.values())
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], unchanged  # every weight was trained, not only an adapter
+    assert not (out / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    saved = dict(reloaded.named_parameters())
+    assert all(torch.equal(saved[k], after[k]) for k in after)  # the saved model is the trained one, bit for bit
+    ids = torch.tensor([[5, 6, 7, 8, 300, 4000]])
+    with torch.no_grad():
+        # the trained model still runs the trainer's kernels (other summation order): equal to fp32 rounding
+        torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (reloaded(ids).logits - base(ids).logits).abs().max() > 0.1
 
 
-def test_ddp_two_processes_match_one(tiny_model_dir, alpaca_file, tmp_path):
+def test_bf16_modules_to_save_train_and_keep_adam_state_in_fp32(tiny_model_dir, alpaca_file, tmp_path):
+    """embed_tokens/lm_head trained in full (vocabulary extension) under bf16 autocast, like the LoRA weights."""
+    out = tmp_path / "mts"
+    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, out, max_steps=12, dtype="bfloat16",
+                                      modules_to_save="embed_tokens,lm_head", learning_rate=1e-2))
+    t = run_training(cfg, progress_bar=False)
+    assert t.mixed_precision == "bf16"
+    model = t.accelerator.unwrap_model(t.wrapper).model
+    copies = {n: p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n}
+    assert {n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n in copies} == {"embed_tokens", "lm_head"}
+    frozen = {n: p for n, p in model.named_parameters() if "original_module" in n}
+    assert frozen and {p.dtype for p in frozen.values()} == {torch.bfloat16}  # the base stays in bf16
+    state = t.optimizer.state
+    for n, p in copies.items():
+        assert p.dtype == torch.float32, n
+        assert state[p]["exp_avg"].dtype == torch.float32 and state[p]["exp_avg_sq"].dtype == torch.float32, n
+        original = frozen[n.replace("modules_to_save.default", "original_module")]
+        assert (p - original.float()).abs().max() > 1e-3, n  # the copy really trained
+    ls = losses(out)
+    assert sum(ls[k] for k in (10, 11, 12)) / 3 < sum(ls[k] for k in (1, 2, 3)) / 3 - 0.5, ls
+
+
+def test_skipped_fp16_step_does_not_advance_the_schedule(tiny_model_dir, alpaca_file, tmp_path):
+    """A step the grad scaler skips (inf gradients) leaves weights, optimizer and LR schedule as they were.
+
+    CPUs get no grad scaler from accelerate (fp16 autocast needs a GPU there), so the test gives the
+    trainer's accelerated optimizer a real ``torch.amp.GradScaler`` and poisons one step's gradients.
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from chinese_vicuna.train.sft import SFTTrainer
+
+    cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "fp16", max_steps=4, max_grad_norm=0,
+                                      lora_dropout=0.0, learning_rate=1e-2))
+    t = SFTTrainer(cfg, progress_bar=False).setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    t.optimizer = AcceleratedOptimizer(t.optimizer.optimizer, device_placement=False, scaler=scaler)
+    t.accelerator.scaler = scaler  # accelerator.backward scales the loss
+    poison = {"on": False}
+    t._trainable[0].register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    seen = {}
+
+    def record(trainer, step, metrics):
+        seen[step] = dict(
+            skipped=trainer.optimizer.step_was_skipped, epoch=trainer.scheduler.last_epoch,
+            lr=trainer.scheduler.get_last_lr()[0], scale=scaler.get_scale(),
+            weights=[p.detach().clone() for p in trainer._trainable],
+        )
+        poison["on"] = step == 1  # the gradients of step 2 overflow
+
+    t.callbacks.append(record)
+    t.train()
+    assert [seen[s]["skipped"] for s in (1, 2, 3, 4)] == [False, True, False, False]
+    assert [seen[s]["epoch"] for s in (1, 2, 3, 4)] == [1, 1, 2, 3]  # the skipped step did not count
+    lr0 = cfg.train.learning_rate  # linear decay over 4 steps, no warmup
+    assert [seen[s]["lr"] for s in (1, 2, 3)] == pytest.approx([lr0 * 3 / 4, lr0 * 3 / 4, lr0 * 2 / 4])
+    assert seen[2]["scale"] == seen[1]["scale"] / 2  # the scaler backed off instead
+    assert all(torch.equal(a, b) for a, b in zip(seen[1]["weights"], seen[2]["weights"]))  # nothing was applied
+    assert not any(torch.equal(a, b) for a, b in zip(seen[2]["weights"], seen[3]["weights"]))  # the next step was
+
+
+def test_ddp_two_processes_match_one(tiny_model_dir, varied_file, tmp_path):
     """Real DDP on CPU (gloo) through torchrun: same global batch -> same adapter."""
-    common = dict(max_steps=3, lora_dropout=0.0, micro_batch_size=1, batch_size=4)
-    run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "one", **common)), progress_bar=False)
+    alpaca_file = varied_file
+    common = dict(max_steps=3, lora_dropout=0.0, micro_batch_size=1, batch_size=4, **VARIED)
+    one = run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "one", **common)), progress_bar=False)
+    assert_lengths_vary(one)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "chinese_vicuna", "train", *overrides(tiny_model_dir, alpaca_file, tmp_path / "two", **common)]
