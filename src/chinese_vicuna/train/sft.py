@@ -44,6 +44,23 @@ from .loss import CausalLMLoss
 StepCallback = Callable[["SFTTrainer", int, dict], None]
 
 
+def upcast_trainable(model: torch.nn.Module) -> list[str]:
+    """Store every trainable parameter in fp32; returns the names of those that were not.
+
+    peft keeps LoRA matrices fp32 whatever the base dtype, but a ``modules_to_save`` layer
+    (embed_tokens, lm_head for vocabulary extension) is a copy of the base module, so with the
+    base loaded in bf16/fp16 it would train in 16 bits: AdamW's state would be created in that
+    dtype and small updates would round away. Autocast still runs its matmuls in the compute
+    dtype. Parameters are changed in place (``p.data``), so tied weights stay one tensor.
+    """
+    changed = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            changed.append(name)
+    return changed
+
+
 class SFTTrainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True):
         self.cfg = cfg
@@ -98,6 +115,7 @@ class SFTTrainer:
             )
         else:
             model.requires_grad_(True)
+        upcast_trainable(model)
         if t.fast_kernels:
             swapped = apply_training_kernels(model, autocast=mixed != "no")
             if acc.is_main_process and swapped:
@@ -247,7 +265,10 @@ class SFTTrainer:
             if t.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(self._trainable, t.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            # fp16: a step whose gradients overflowed was skipped by the grad scaler (which lowered its
+            # scale instead); the schedule must not advance for an update that never happened.
+            if not self.optimizer.step_was_skipped:
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.step = step + 1
             loss_acc += step_loss
