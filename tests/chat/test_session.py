@@ -65,7 +65,8 @@ def test_send_streams_and_records_the_turn(engine, tiny_adapter_dir):
     second.run()
     assert len(s.history) == 2
     # The second prompt really carried the first turn.
-    assert f"### Instruction:\n天空为什么是蓝色的？\n\n### Response:\n{reply.text.strip()}{EOS}" in s.prompt_text("x")
+    history = f"### Instruction:\n天空为什么是蓝色的？\n\n### Response:\n{reply.text.strip()}\n\n### Instruction:\n"
+    assert history in s.prompt_text("x") and EOS not in s.prompt_text("x")  # no EOS inside the history
 
 
 def test_budget_is_never_exceeded_for_random_histories(engine):

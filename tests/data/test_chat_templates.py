@@ -63,10 +63,13 @@ def test_one_bos_whole_string_and_terminator(styled):
     s = Renderer(tok, t, cutoff_len=1024).render(conv)
     text = tok.apply_chat_template(MSGS, tokenize=False)
     assert t.text(conv, eos=tok.eos_token) == text
-    # the ids are the rendered string tokenized once, with exactly one BOS
-    bos_in_text = text.startswith(tok.bos_token)
-    assert s.input_ids == tok(text, add_special_tokens=not bos_in_text)["input_ids"]
-    assert s.input_ids[0] == tok.bos_token_id and s.input_ids[1] != tok.bos_token_id
+    # the ids are the rendered string tokenized once, as chat engines do (the template decides BOS):
+    # exactly one BOS where the template writes it, none where it does not
+    assert s.input_ids == tok.apply_chat_template(MSGS, return_dict=True)["input_ids"]
+    assert s.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert s.input_ids.count(tok.bos_token_id) == (0 if style == "chatml" else 1 if style == "llama3" else 2)
+    if style != "chatml":
+        assert s.input_ids[0] == tok.bos_token_id and s.input_ids[1] != tok.bos_token_id
     # both replies and their terminators are trained; EOS is not appended when the template has its own end
     trained = trained_ids(s)
     assert trained.count(end_id) == 2 and trained[-1] == end_id
@@ -76,8 +79,8 @@ def test_one_bos_whole_string_and_terminator(styled):
     assert "你好！有什么可以帮你？" in replies and "北京是中国的首都。" in replies and "北京是哪里" not in replies
     # the prompt for generation: the template's own, tokenized the same way
     prompt = Conversation(conv.messages[:-1])
-    ptext = tok.apply_chat_template(MSGS[:-1], tokenize=False, add_generation_prompt=True)
-    assert Renderer(tok, t).prompt_ids(prompt) == tok(ptext, add_special_tokens=not bos_in_text)["input_ids"]
+    fed = tok.apply_chat_template(MSGS[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert Renderer(tok, t).prompt_ids(prompt) == fed
 
 
 def test_overlong_samples_are_truncated_with_the_terminator(styled):

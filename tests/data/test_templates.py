@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from chinese_vicuna.data.formats import Conversation, Message, to_conversation
@@ -84,19 +86,45 @@ def as_conversation(msgs):
 
 @pytest.mark.parametrize("name,system_prompt", [("alpaca", None), ("alpaca", "你是医生。"), ("vicuna-chat", None),
                                                 ("vicuna-chat", "你是医生。"), ("auto", None), ("auto", "你是医生。")])
-@pytest.mark.parametrize("case", list(JINJA_CASES))
-def test_jinja_renders_what_we_train(tokenizer, name, system_prompt, case):
-    """transformers' apply_chat_template over template.jinja() == our text, full and as a prompt."""
-    t = get_template(name, tokenizer, system_prompt)
-    jinja = t.jinja()
-    msgs = JINJA_CASES[case]
-    if name == "auto":  # the tokenizer's own template knows no Alpaca input block
-        msgs = [{k: v for k, v in m.items() if k != "input"} for m in msgs]
-    eos = tokenizer.eos_token
-    got = tokenizer.apply_chat_template(msgs, chat_template=jinja, tokenize=False)
-    assert got == t.text(as_conversation(msgs), eos=eos)
-    prompt = msgs[:-1]
-    got = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False, add_generation_prompt=True)
-    assert got == t.text(as_conversation(prompt), add_generation_prompt=True, eos=eos)
-    if system_prompt and case != "system":
-        assert system_prompt in got
+def test_saved_chat_template_renders_what_we_train(any_tokenizer, tmp_path, name, system_prompt):
+    """A tokenizer saved with our template: apply_chat_template renders our text and feeds our ids."""
+    from transformers import AutoTokenizer
+
+    from chinese_vicuna.data.tokenize import Renderer, save_tokenizer
+
+    tok = any_tokenizer
+    if name == "auto" and not tok.chat_template:
+        from transformers import AddedToken
+
+        tok = copy.deepcopy(tok)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
+                       special_tokens=True)
+        tok.chat_template = CHATML
+    t = get_template(name, tok, system_prompt)
+    save_tokenizer(tok, t, tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    llama = tok.bos_token == "<s>"
+    bos = "<s>" if llama and name != "auto" else ""  # our templates write BOS where the model adds it
+    for case, msgs in JINJA_CASES.items():
+        if name == "auto":  # the tokenizer's own template knows no Alpaca input block
+            msgs = [{k: v for k, v in m.items() if k != "input"} for m in msgs]
+        eos = tok.eos_token
+        got = saved.apply_chat_template(msgs, tokenize=False)
+        assert got == bos + t.text(as_conversation(msgs), eos=eos), case
+        prompt = msgs[:-1]
+        got = saved.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert got == bos + t.text(as_conversation(prompt), add_generation_prompt=True, eos=eos), case
+        if system_prompt and case != "system":
+            assert system_prompt in got
+        # the ids a chat engine feeds (rendered chat, tokenized without adding specials) are ours
+        fed = saved.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert fed == Renderer(tok, t).prompt_ids(as_conversation(prompt)), case
+        # and the saved tokenizer tokenizes plain text as the one we trained with
+        text = t.text(as_conversation(msgs), eos=eos)
+        assert saved(text)["input_ids"] == tok(text)["input_ids"]
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)

@@ -58,12 +58,17 @@ class PromptTemplate:
         """The plain string (EOS written as ``eos``): exactly what is tokenized."""
         return "".join(s.text for s in self.segments(conv, add_generation_prompt, eos))
 
-    def jinja(self) -> str:
+    def jinja(self, bos: bool = False) -> str:
         """This template (with its system prompt) as a Jinja chat template over ``messages``.
 
         Messages are ``{"role", "content"}`` dicts; a user message may carry Alpaca's ``input``.
-        ``apply_chat_template`` renders the same string as :meth:`text` with the tokenizer's EOS.
+        ``apply_chat_template`` renders the same string as :meth:`text` with the tokenizer's EOS,
+        preceded by ``bos_token`` when ``bos``: chat engines (transformers, llama-cpp-python, vLLM)
+        tokenize a rendered chat without adding BOS, so a model trained with BOS needs it written.
         """
+        return ("{{- bos_token -}}\n" if bos else "") + self._jinja()
+
+    def _jinja(self) -> str:
         raise NotImplementedError
 
     def end_token_ids(self) -> list[int]:
@@ -102,7 +107,11 @@ _JINJA_INPUT = "message['input'] is defined and message['input']"
 
 
 class AlpacaTemplate(PromptTemplate):
-    """Exactly the Alpaca / Chinese-Vicuna instruct prompt; later turns repeat the blocks."""
+    """Exactly the Alpaca / Chinese-Vicuna instruct prompt; later turns repeat the blocks.
+
+    As in the chat template, EOS follows only the final reply: a special token inside the text
+    would be followed by a ``▁`` in llama.cpp and SentencePiece but not in every HF tokenizer.
+    """
 
     name = "alpaca"
     stop_strings = ("### Instruction:", "### Response:", "### Input:")
@@ -130,10 +139,12 @@ class AlpacaTemplate(PromptTemplate):
                 segs.append(Segment(user.context, "user", k))
             segs.append(Segment("\n\n### Response:\n", "template", k))
             if reply is not None:
-                segs += [Segment(reply.content, "reply", k), Segment(eos, "end", k)]
+                segs.append(Segment(reply.content, "reply", k))
+                if k == len(pairs) - 1:
+                    segs.append(Segment(eos, "end", k))
         return segs
 
-    def jinja(self) -> str:
+    def _jinja(self) -> str:
         if self.system_prompt:
             header = self._system_jinja()
         else:
@@ -151,7 +162,8 @@ class AlpacaTemplate(PromptTemplate):
             "{{- ('\\n\\n' if not loop.first else '') + '### Instruction:\\n' + message['content'] -}}"
             f"{{%- if {_JINJA_INPUT} -%}}{{{{- '\\n\\n### Input:\\n' + message['input'] -}}}}{{%- endif -%}}"
             "{{- '\\n\\n### Response:\\n' -}}"
-            "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- message['content'] + (eos_token if loop.last else '') -}}"
             "{%- endif -%}{%- endfor -%}"
         )
 
@@ -183,7 +195,7 @@ class VicunaChatTemplate(PromptTemplate):
                     segs.append(Segment(eos, "end", k))
         return segs
 
-    def jinja(self) -> str:
+    def _jinja(self) -> str:
         return self._system_jinja() + (
             "{%- for message in loop_messages -%}"
             "{%- if message['role'] == 'user' -%}"
@@ -286,7 +298,8 @@ class ChatTemplate(PromptTemplate):
             raise TemplateError("the chat template rewrites message contents (e.g. strips them); use alpaca or vicuna-chat")
         return segs
 
-    def jinja(self) -> str:
+    def jinja(self, bos: bool = False) -> str:
+        """The tokenizer's own template (it writes BOS itself where it wants one), + the system prompt."""
         if not self.system_prompt:
             return self.tokenizer.chat_template
         # The adapter's system prompt becomes the default system message of the same template.

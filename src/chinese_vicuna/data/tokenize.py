@@ -11,12 +11,15 @@ and survives truncation.
 
 from __future__ import annotations
 
+import json
+import os
 from bisect import bisect_right
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .formats import Conversation
-from .templates import PromptTemplate, Segment, TemplateError
+from .templates import ChatTemplate, PromptTemplate, Segment, TemplateError
 
 IGNORE = -100
 MaskMode = Literal["assistant", "last", "none"]
@@ -63,6 +66,57 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def chat_template(template: PromptTemplate, tokenizer) -> str:
+    """``template`` as the Jinja chat template to save with a model that uses ``tokenizer``."""
+    return template.jinja(bos=adds_bos(tokenizer))
+
+
+def _prefix_only_first(tokenizer) -> bool:
+    """A SentencePiece-style tokenizer that puts ``▁`` before the first text only (``legacy: false``)."""
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    return type(pre).__name__ == "Metaspace" and getattr(pre, "prepend_scheme", None) == "first"
+
+
+def save_tokenizer(tokenizer, template: PromptTemplate, folder: str | os.PathLike) -> None:
+    """Save ``tokenizer`` with ``template`` as its chat template, so that every engine feeds our ids.
+
+    Chat engines (transformers, vLLM, llama-cpp-python) render the template, ``bos_token``
+    included, and tokenize the string without adding specials. SentencePiece and llama.cpp put
+    ``▁`` before text that follows a special token; a ``legacy: false`` HF tokenizer does not, so
+    ``<s>Below`` would become ``<s> B elow`` instead of the trained ``<s> ▁Below``. Our templates
+    have special tokens only at the ends (BOS first, EOS after the final reply), where both
+    behaviours tokenize the text alike, so the saved tokenizer is switched to the SentencePiece
+    behaviour (``legacy: true``). A model's own template (``auto``) keeps its tokenizer as trained.
+    """
+    own = tokenizer.chat_template
+    tokenizer.chat_template = chat_template(template, tokenizer)
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.chat_template = own
+    if template.name == "auto" or not adds_bos(tokenizer) or not _prefix_only_first(tokenizer):
+        return
+    folder = Path(folder)
+    for name, edit in (("tokenizer_config.json", _legacy_config), ("tokenizer.json", _prefix_always)):
+        path = folder / name
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            edit(data)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+            os.replace(tmp, path)
+
+
+def _legacy_config(cfg: dict) -> None:
+    cfg["legacy"] = True  # transformers builds the Metaspace pre-tokenizer from this flag
+
+
+def _prefix_always(tj: dict) -> None:
+    pre = tj.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace":
+        pre["prepend_scheme"] = "always"
+
+
 class Renderer:
     """Tokenizes conversations for training and prompts for generation, one way for both."""
 
@@ -94,8 +148,9 @@ class Renderer:
         text = "".join(s.text for s in segs)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        # BOS as the model expects it, once: a template that writes {{ bos_token }} already has it.
-        prefix = 1 if self.bos and ids[:1] != self.bos else 0
+        # BOS as the model expects it: our templates get the tokenizer's; a model's own chat template
+        # writes {{ bos_token }} itself where it wants one (chat engines then add none).
+        prefix = 1 if self.bos and not isinstance(self.template, ChatTemplate) and ids[:1] != self.bos else 0
         if prefix:
             ids, offsets = self.bos + ids, [(0, 0), *offsets]
         starts, pos = [], 0

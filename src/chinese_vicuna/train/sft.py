@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..data.collate import collate, collate_packed, plan_batches, plan_packed
 from ..data.datasets import PreparedData, parse_source, prepare
 from ..data.templates import get_template
-from ..data.tokenize import IGNORE, Renderer, Sample
+from ..data.tokenize import IGNORE, Renderer, Sample, save_tokenizer
 from ..model.adapters import META_FILE, attach_lora, trainable_summary
 from ..model.load import load_model_and_tokenizer, resolve_base_model, training_precision
 from ..model.quantize import prepare_for_kbit_training
@@ -359,14 +359,9 @@ class SFTTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             model.save_pretrained(str(tmp))
-            # The trained template as the folder's own chat template: vLLM (--lora-modules) and
-            # transformers users render the prompt the adapter learned.
-            own = self.tokenizer.chat_template
-            self.tokenizer.chat_template = self.template.jinja()
-            try:
-                self.tokenizer.save_pretrained(str(tmp))
-            finally:
-                self.tokenizer.chat_template = own
+            # The trained template as the folder's own chat template: vLLM and transformers users
+            # render the prompt the adapter learned.
+            save_tokenizer(self.tokenizer, self.template, tmp)
             for name, text in self._extra_files().items():
                 (tmp / name).write_text(text, encoding="utf-8")
             for f in tmp.iterdir():
