@@ -158,10 +158,10 @@ def test_gguf_metadata_holds_tokenizer_and_template(ggufs, tokenizer):
     assert (f["llama.block_count"], f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (2, 4, 2)
 
 
-def test_q8_0_perplexity_within_1_percent_of_f16(ggufs, tokenizer):
+def test_q8_0_perplexity_within_half_a_percent_of_f16(ggufs, tokenizer):
     ids = heldout_ids(tokenizer, 768)
     f16, q8 = (gguf_perplexity(ggufs[t], ids, window=256, n_threads=1) for t in ("f16", "q8_0"))
-    assert abs(q8 - f16) / f16 < 0.01, (f16, q8)
+    assert abs(q8 - f16) / f16 < 0.005, (f16, q8)  # measured 0.16%
 
 
 @pytest.mark.parametrize("kind,ftype", [("bf16", 32), ("q4_0", 2), ("q4_k_m", 15), ("q5_k_m", 17)])
@@ -252,9 +252,11 @@ def test_smollm2_with_adapter_f16_greedy_equals_hf_and_q8_0_perplexity(tmp_path,
     held = heldout_ids(tokenizer, 2048)  # 1024 tokens swing the Q8_0 delta between 0.1% and 1.3%
     p16, p8 = gguf_perplexity(f16, held, window=512), gguf_perplexity(q8, held, window=512)
     print(f"SmolLM2 + adapter perplexity on {len(held)} held-out tokens: f16 {p16:.3f}, q8_0 {p8:.3f}")
-    assert p16 < 60 and abs(p8 - p16) / p16 < 0.01, (p16, p8)
+    assert p16 < 60 and abs(p8 - p16) / p16 < 0.005, (p16, p8)  # measured 17.469 -> 17.549, 0.46%
 
 
+# Opt-in: no installed wheel ships llama.cpp's script (llama-cpp-python's sdist has it under
+# vendor/llama.cpp/, with its `conversion/` package), so the README makes no claim from it.
 @pytest.mark.skipif(not os.environ.get("LLAMA_CPP_CONVERTER"), reason="set LLAMA_CPP_CONVERTER=llama.cpp/convert_hf_to_gguf.py")
 def test_same_file_as_llama_cpp_converter(tmp_path):
     """Tensors and metadata equal those of llama.cpp's own script (apart from its name fields)."""
