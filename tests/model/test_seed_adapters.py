@@ -143,3 +143,33 @@ def test_unsafe_or_mismatched_weights_are_clear_errors(seed_adapter, tiny_model_
     torch.save(state, wrong / "adapter_model.bin")
     with pytest.raises(ModelLoadError, match=f"{wrong}: the adapter does not fit this model .*trained on {SEED_BASE}"):
         load_for_inference(str(tiny_model_dir), [str(wrong)], dtype="float32")
+
+
+def test_resized_embeddings_saved_by_peft_load_like_peft(tiny_model_dir, tmp_path):
+    """An adapter trained on a grown vocabulary without modules_to_save: peft saves the resized
+    embedding under the base's own names (save_embedding_layers) and loads it into the base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chinese_vicuna.model.adapters import load_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = model.get_input_embeddings().weight.shape[0] + 8
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-8:].normal_()
+        model.get_output_embeddings().weight[-8:].normal_()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "grown", save_embedding_layers=True)
+    ids = torch.cat([IDS, torch.tensor([[rows - 1, rows - 8]])], dim=1)
+    ref_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref_base.resize_token_embeddings(rows, mean_resizing=False)
+    ref = PeftModel.from_pretrained(ref_base, tmp_path / "grown").eval()
+    ours = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "grown"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)

@@ -231,7 +231,13 @@ def load_state(
 
     cfg = peft_model.peft_config[name]
     keep = list(cfg.modules_to_save or [])
-    ignored = [k for k in state if not _LORA_KEY.search(k) and not any(f".{m}." in f".{k}" for m in keep)]
+    # Besides LoRA and modules_to_save tensors, peft also saves resized embeddings under the base's own
+    # names (save_embedding_layers) and loads them into the base: so does this; anything else is dropped.
+    base_names = set(peft_model.state_dict())
+    ignored = [
+        k for k in state
+        if not _LORA_KEY.search(k) and not any(f".{m}." in f".{k}" for m in keep) and k not in base_names
+    ]  # fmt: skip
     state = {k: v for k, v in state.items() if k not in ignored}
     if ignored:
         print(f"note: {folder}: ignoring {len(ignored)} tensors that are not LoRA weights "
