@@ -7,7 +7,8 @@ Every target module of every adapter is merged (the seed merged q/v only), and
 
 Two ways to do it:
 
-* in memory (default): peft's own ``PeftModel.from_pretrained`` + ``merge_and_unload`` per adapter;
+* in memory (default): each adapter loaded into peft's LoRA layers (``model.adapters.load_adapter``,
+  which also reads the seeds' ``.bin`` adapters) + peft's ``merge_and_unload``;
 * ``low_memory``: the base's safetensors shards are streamed one tensor at a time and
   ``W += scale * B @ A`` is applied by hand, so peak memory is one tensor plus one output shard.
 """
