@@ -83,20 +83,33 @@ def test_kernels_give_the_stock_model_loss_and_gradients(left_pad, lora):
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_kernels_under_bf16_autocast_stay_close_to_stock():
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_kernels_under_bf16_autocast_match_stock_to_bf16_rounding():
+    """The loss is bit-identical; gradients differ only by bf16 rounding, and are as close to fp32's as stock's.
+
+    Measured (4 seeds): gradients within 0.9-1.3% (relative L2) of the stock modules', while both are
+    6-8% from the fp32 gradient of the same weights.
+    """
     def build():
         return with_lora(make_tiny_llama(VOCAB, seed=5).to(torch.bfloat16), ["q_proj", "v_proj"])
 
     stock, fast, _ = stock_and_fast(build, autocast=True)
+    exact = build().float()  # the same (bf16-representable) weights, computed in fp32
+    exact.config._attn_implementation = "eager"
     b = batch()
+    _, g0 = loss_and_grads(exact, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         l1, g1 = loss_and_grads(stock, b)
         l2, g2 = loss_and_grads(fast, b)
-    torch.testing.assert_close(l2, l1, rtol=2e-3, atol=1e-2)
+    assert torch.equal(l2, l1)
+    assert g1.keys() == g2.keys() == g0.keys() and len(g1) > 0
     for k in g1:
         assert g2[k].dtype == torch.float32  # LoRA weights stay fp32
-        cos = torch.nn.functional.cosine_similarity(g1[k].flatten(), g2[k].flatten(), dim=0)
-        assert cos > 0.999, (k, cos)
+        assert rel_err(g2[k], g1[k]) < 0.02, (k, rel_err(g2[k], g1[k]))
+        assert rel_err(g2[k], g0[k]) < 1.05 * rel_err(g1[k], g0[k]), k  # no further from fp32 than stock
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
