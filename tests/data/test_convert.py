@@ -185,8 +185,27 @@ def test_continue_on_medical_beats_the_general_adapter(tiny_model_dir, tmp_path)
     cfg = load_config(None, flags(data_path=SAMPLES / "medical.jsonl", output_dir=tmp_path / "medical", max_steps=10,
                                   init_adapter=general, val_size=10))  # fmt: skip
     trainer = SFTTrainer(cfg, progress_bar=False).setup()
-    general_loss = trainer.evaluate()  # the general adapter's weights, on the medical validation split
+    val = trainer.data.val
+    assert len(val) == 10  # the medical validation split
+
+    def saved_adapter_loss(folder) -> float:
+        """Medical validation loss of an adapter folder loaded by plain peft, independent of the trainer."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from chinese_vicuna.data.collate import collate
+        from chinese_vicuna.train.loss import CausalLMLoss
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+        with torch.no_grad():
+            total, n = CausalLMLoss(model)(**collate(val, trainer.tokenizer.pad_token_id))
+        return float(total / n)
+
+    general_loss = saved_adapter_loss(general)  # the general adapter it starts from, as saved
+    assert abs(trainer.evaluate() - general_loss) < 1e-5  # --init_adapter really starts from those weights
     trainer.train()
-    medical_loss = trainer.evaluate()  # same function, same split, after continuing on medical data
-    assert medical_loss < general_loss - 0.3, (general_loss, medical_loss)
-    assert (tmp_path / "medical" / "adapter_model.safetensors").exists()
+    continued_loss = saved_adapter_loss(tmp_path / "medical")  # the continued adapter, as saved
+    assert abs(trainer.evaluate() - continued_loss) < 1e-5
+    print(f"medical validation loss: general {general_loss:.4f}, continued {continued_loss:.4f}")
+    assert continued_loss < general_loss - 0.3, (general_loss, continued_loss)
