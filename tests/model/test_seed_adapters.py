@@ -173,3 +173,14 @@ def test_resized_embeddings_saved_by_peft_load_like_peft(tiny_model_dir, tmp_pat
     ours = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "grown"))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_folder_name_with_a_dot_names_the_adapter(seed_adapter, tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "lora-v1.5"  # a "." cannot be a peft adapter name (a ModuleDict key)
+    shutil.copytree(seed_adapter[0], folder)
+    model, _, _ = load_for_inference(str(tiny_model_dir), [str(folder)], dtype="float32")
+    assert model.active_adapter == "lora-v1_5"
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, seed_adapter[1], atol=1e-5, rtol=0)

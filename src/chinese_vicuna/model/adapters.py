@@ -300,7 +300,8 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep:
-            name, folder = Path(spec).name or "adapter", spec
+            # peft keeps adapters in ModuleDicts, whose keys cannot hold a "." (lora-v1.5)
+            name, folder = Path(spec).name.replace(".", "_") or "adapter", spec
         out.append((name, folder))
     return out
 
