@@ -85,3 +85,16 @@ def make_llama_sp_tokenizer(out_dir: Path, vocab_size: int = 2000) -> Path:
            "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048}  # fmt: skip
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out_dir
+
+
+# Llama-2-chat's template (system folded into the first user turn, BOS before every [INST]).
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)

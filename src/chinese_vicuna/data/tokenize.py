@@ -71,10 +71,10 @@ def chat_template(template: PromptTemplate, tokenizer) -> str:
     return template.jinja(bos=adds_bos(tokenizer))
 
 
-def _prefix_only_first(tokenizer) -> bool:
-    """A SentencePiece-style tokenizer that puts ``▁`` before the first text only (``legacy: false``)."""
+def _metaspace(tokenizer) -> bool:
+    """A SentencePiece-style tokenizer (``▁`` prefix); transformers does not save its ``legacy`` flag."""
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    return type(pre).__name__ == "Metaspace" and getattr(pre, "prepend_scheme", None) == "first"
+    return type(pre).__name__ == "Metaspace" and getattr(pre, "prepend_scheme", None) in ("first", "always")
 
 
 def save_tokenizer(tokenizer, template: PromptTemplate, folder: str | os.PathLike) -> None:
@@ -94,7 +94,7 @@ def save_tokenizer(tokenizer, template: PromptTemplate, folder: str | os.PathLik
         tokenizer.save_pretrained(str(folder))
     finally:
         tokenizer.chat_template = own
-    if template.name == "auto" or not adds_bos(tokenizer) or not _prefix_only_first(tokenizer):
+    if template.name == "auto" or not adds_bos(tokenizer) or not _metaspace(tokenizer):
         return
     folder = Path(folder)
     for name, edit in (("tokenizer_config.json", _legacy_config), ("tokenizer.json", _prefix_always)):

@@ -11,9 +11,15 @@ import threading
 from dataclasses import dataclass, field
 
 from ..data.formats import Conversation
-from ..data.templates import PromptTemplate, get_template
+from ..data.templates import PromptTemplate, add_eos_ids, get_template
 from ..data.tokenize import Renderer
 from .decode import GenArgs, TextStream
+
+
+def resolve_template(tok, meta: dict, name: str | None = None, system_prompt: str | None = None) -> PromptTemplate:
+    """The template to serve with: the one asked for, else the recorded one, else the tokenizer's own."""
+    name = name or meta.get("template") or ("auto" if getattr(tok, "chat_template", None) else "alpaca")
+    return get_template(name, tok, system_prompt or meta.get("system_prompt"))
 
 
 @dataclass
@@ -26,6 +32,11 @@ class Engine:
     name: str = "base"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self):
+        # A template whose replies end with their own marker (<|eot_id|>, <|im_end|>) that is not
+        # the tokenizer's EOS must stop there too, as it was trained to.
+        add_eos_ids(getattr(self.model, "generation_config", None), self.template.end_token_ids())
+
     @classmethod
     def load(
         cls,
@@ -37,15 +48,19 @@ class Engine:
         quantization: str = "none",
         dtype: str = "auto",
     ) -> Engine:
-        """Load base + adapters (``DIR`` or ``NAME=DIR``); the template comes from the first adapter."""
+        """Load base + adapters (``DIR`` or ``NAME=DIR``).
+
+        The template is the first adapter's, or for a merged model the one recorded in its folder.
+        """
         from pathlib import Path
 
-        from ..model.adapters import load_for_inference, parse_adapter_specs
+        from ..model.adapters import load_for_inference, parse_adapter_specs, read_meta
 
         specs = adapter_specs or []
         model, tok, meta = load_for_inference(base_model, specs, quantization=quantization, dtype=dtype)
-        name = template or meta.get("template") or ("auto" if getattr(tok, "chat_template", None) else "alpaca")
-        tmpl = get_template(name, tok, system_prompt or meta.get("system_prompt"))
+        if not specs and base_model and Path(base_model).is_dir():
+            meta = read_meta(base_model)  # a merged model keeps the template it was trained with
+        tmpl = resolve_template(tok, meta, template, system_prompt)
         base_name = Path(base_model).name if base_model else Path(str(model.config._name_or_path)).name or "base"
         return cls(model, tok, tmpl, [n for n, _ in parse_adapter_specs(specs)], base_name)
 
@@ -128,12 +143,12 @@ class LlamaCppEngine(Engine):
         from pathlib import Path
 
         from ..model.load import load_tokenizer
-        from ..tools.gguf import LlamaCppBackend
+        from ..tools.gguf import LlamaCppBackend, read_gguf_meta
 
         backend = LlamaCppBackend(path, n_ctx=n_ctx)
         tok = load_tokenizer(path)
-        name = template or ("auto" if getattr(tok, "chat_template", None) else "alpaca")
-        return cls(backend, tok, get_template(name, tok, system_prompt), [], Path(path).stem)
+        tmpl = resolve_template(tok, read_gguf_meta(path), template, system_prompt)
+        return cls(backend, tok, tmpl, [], Path(path).stem)
 
     @property
     def context_length(self) -> int:

@@ -77,10 +77,46 @@ def vllm_command(args: argparse.Namespace, extra: list[str] = ()) -> list[str]:
     if adapters:
         cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
         cmd += [f"{name}={folder}" for name, folder in adapters]
+    template = vllm_chat_template(args)
+    if template is not None:
+        cmd += ["--chat-template", str(template)]
+    if adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists():
+        cmd += ["--tokenizer", adapters[0][1]]  # the tokenizer the adapter was trained (and saved) with
     cmd += ["--host", args.host, "--port", str(args.port)]
     if args.max_concurrency:
         cmd += ["--max-num-seqs", str(args.max_concurrency)]
     return cmd + list(extra)
+
+
+def vllm_chat_template(args: argparse.Namespace) -> Path | None:
+    """The template the first adapter was trained with (or ``--template``), as a Jinja file for vLLM.
+
+    vLLM renders chat requests with the base model's own template unless given ``--chat-template``;
+    a merged model needs nothing, since ``merge`` already made the trained template its own. The
+    file is named by its content's hash in the temp folder and written atomically.
+    """
+    import hashlib
+    import tempfile
+
+    from ..data.templates import get_template
+    from ..data.tokenize import chat_template
+    from ..model.adapters import parse_adapter_specs, read_meta
+    from ..model.load import load_tokenizer
+
+    adapters = parse_adapter_specs(args.adapter or [])
+    meta = read_meta(adapters[0][1]) if adapters else {}
+    name = args.template or meta.get("template")
+    if not name:
+        return None
+    # The tokenizer vLLM will use (the adapter's, else the model's) decides BOS and, for auto, the template.
+    has_tok = adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists()
+    tok = load_tokenizer(adapters[0][1] if has_tok else str(args.model))
+    text = chat_template(get_template(name, tok, args.system_prompt or meta.get("system_prompt")), tok)
+    path = Path(tempfile.gettempdir()) / f"chinese-vicuna-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def vllm_env(api_key: str | None, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -32,6 +32,7 @@ from ..generation.decode import GenArgs
 WRITTEN = ("f32", "f16", "bf16", "q8_0")
 QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
 LLAMA_TYPES = ("llama", "mistral")
+GGUF_META_PREFIX, GGUF_META_KEYS = "chinese_vicuna", ("template", "system_prompt")
 # convert_hf_to_gguf.py identifies a byte-level BPE pre-tokenizer by hashing how it splits this text.
 CHK_TXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
@@ -115,6 +116,24 @@ def _bpe_tokens(folder: Path, tok, n_vocab: int):
     return tokens, None, types, "gpt2", BPE_PRE[chkhsh]
 
 
+def _with_merge_scores(rows: list[tuple[bytes, float, object]], tj: dict) -> list[tuple[bytes, float, object]]:
+    """SentencePiece scores for a tokenizer.json-only LLaMA vocabulary (what save_pretrained writes).
+
+    gguf's LlamaHfVocab gives every piece the same score, but llama.cpp's SentencePiece tokenizer
+    merges the adjacent pair whose piece scores highest, so equal scores tokenize text differently
+    from transformers. A piece made by merge number r scores -r: the BPE order transformers applies.
+    """
+    merges = tj.get("model", {}).get("merges") or []
+    vocab = tj.get("model", {}).get("vocab") or {}
+    rank = {}
+    for r, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    by_id = {i: piece for piece, i in vocab.items()}
+    return [(text, -float(rank[by_id[i]]) if by_id.get(i) in rank else score, kind)
+            for i, (text, score, kind) in enumerate(rows)]
+
+
 def _add_vocab(w, folder: Path, cfg: dict) -> None:
     """Tokens, scores, types, merges, special ids, add-BOS and chat template."""
     import gguf
@@ -125,8 +144,10 @@ def _add_vocab(w, folder: Path, cfg: dict) -> None:
     tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) if (folder / "tokenizer.json").exists() else {}
     if (folder / "tokenizer.model").exists() or tj.get("model", {}).get("byte_fallback"):
         # SentencePiece LLaMA tokenizers: the .model file, or its tokenizer.json conversion
-        vocab = gguf.SentencePieceVocab(folder) if (folder / "tokenizer.model").exists() else gguf.LlamaHfVocab(folder)
-        rows = list(vocab.all_tokens())
+        if (folder / "tokenizer.model").exists():
+            rows = list(gguf.SentencePieceVocab(folder).all_tokens())
+        else:
+            rows = _with_merge_scores(list(gguf.LlamaHfVocab(folder).all_tokens()), tj)
         if len(rows) > n_vocab:
             raise ConfigError(f"{folder}: {len(rows)} tokens but {n_vocab} embedding rows; resize the model first")
         added = tok.added_tokens_decoder  # e.g. Chinese-Alpaca's [PAD]: in tokenizer.json, not the .model
@@ -150,9 +171,22 @@ def _add_vocab(w, folder: Path, cfg: dict) -> None:
     # llama.cpp adds BOS exactly when the HF tokenizer does, so both tokenize prompts alike.
     probe = tok("a").input_ids
     special.add_special_token["bos"] = bool(probe) and probe[0] == tok.bos_token_id
+    # The template transformers renders from this folder (a merged model's is the trained one).
+    special.chat_template = getattr(tok, "chat_template", None) or special.chat_template
     special.add_to_gguf(w, quiet=True)
-    if not special.chat_template and getattr(tok, "chat_template", None):
-        w.add_chat_template(tok.chat_template)
+
+
+def read_gguf_meta(path: str | os.PathLike) -> dict:
+    """The template name and system prompt ``export-gguf`` recorded in a GGUF file (or {})."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key in GGUF_META_KEYS:
+        field = reader.get_field(f"{GGUF_META_PREFIX}.{key}")
+        if field is not None:
+            meta[key] = field.contents()
+    return meta
 
 
 def _permute(t, n_head: int):
@@ -167,6 +201,7 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    from ..model.adapters import read_meta
     from .merge import weight_files
 
     folder, out = Path(folder), Path(out)
@@ -190,6 +225,9 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
     w.add_name(cfg.get("_name_or_path") or folder.name)
     _add_hparams(w, cfg, gguf_type)
     _add_vocab(w, folder, cfg)
+    for key, value in read_meta(folder).items():  # the template name and system prompt it was trained with
+        if key in GGUF_META_KEYS and value:
+            w.add_string(f"{GGUF_META_PREFIX}.{key}", str(value))
     # Two passes: tensor infos first (shapes from the headers), then the data one tensor at a time.
     plan: dict[str, tuple[str, gguf.GGMLQuantizationType]] = {}
     for f in files:

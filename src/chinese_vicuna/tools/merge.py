@@ -290,6 +290,8 @@ def merge_adapters(
 
     from transformers import AutoConfig, GenerationConfig
 
+    from ..data.templates import add_eos_ids, get_template
+    from ..data.tokenize import save_tokenizer
     from ..model.adapters import default_base, read_meta, resolve_adapter, write_meta
     from ..model.load import fix_special_tokens, load_tokenizer, resolve_base_model
 
@@ -309,6 +311,8 @@ def merge_adapters(
     if not getattr(tok, "chat_template", None):
         base_tok = load_tokenizer(base)
         tok.chat_template = getattr(base_tok, "chat_template", None)
+    meta = next((m for m in map(read_meta, reversed(adapters)) if m), {})
+    template = get_template(meta["template"], tok, meta.get("system_prompt")) if meta.get("template") else None
     if low_memory:
         rows, untied = merge_streaming(Path(base), adapters, tmp, limit, torch_dtype)
         config = AutoConfig.from_pretrained(base)
@@ -321,16 +325,17 @@ def merge_adapters(
         except OSError:
             gen = GenerationConfig.from_model_config(config)
         holder = SimpleNamespace(config=config, generation_config=gen)
-        fix_special_tokens(holder, tok)
-        config.save_pretrained(tmp)
-        gen.save_pretrained(tmp)
     else:
-        model = merge_in_memory(base, adapters, tmp, limit, torch_dtype)
-        fix_special_tokens(model, tok)
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    meta = next((m for m in map(read_meta, reversed(adapters)) if m), {})
+        holder = merge_in_memory(base, adapters, tmp, limit, torch_dtype)
+    fix_special_tokens(holder, tok)
+    if template is not None:
+        add_eos_ids(holder.generation_config, template.end_token_ids())
+    holder.config.save_pretrained(tmp)
+    holder.generation_config.save_pretrained(tmp)
+    if template is not None:  # transformers, llama.cpp and vLLM then render the prompt it was trained on
+        save_tokenizer(tok, template, tmp)
+    else:
+        tok.save_pretrained(tmp)
     meta.pop("base_model", None)
     write_meta(tmp, **meta, merged_from={"base": str(base), "adapters": [str(a) for a in adapters]})
     if out.exists():
