@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, perplexity, adapter comparison and text metrics."""
