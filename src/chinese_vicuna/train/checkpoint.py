@@ -172,7 +172,8 @@ def load_trainer_optimizer(optimizer, model, path: Path) -> int:
         saved = torch.load(str(path), map_location="cpu", weights_only=True)
         groups, state = saved["param_groups"], saved["state"]
     except Exception as e:  # not a torch optimizer state dict
-        raise ConfigError(f"{path}: not an optimizer state ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not an optimizer state ({reason})") from None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if len(groups) == 1:
         order = named
@@ -213,11 +214,8 @@ def resume_trainer_checkpoint(model, optimizer, scheduler, folder: Path) -> int:
     """
     import warnings
 
-    from ..model.adapters import adapter_weights_path
-
     if not hasattr(model, "peft_config"):
         raise ConfigError(f"{folder}: resuming a Trainer checkpoint needs finetuning: lora (it holds an adapter)")
-    adapter_weights_path(folder, TRAINER_WEIGHTS)  # a clear error when there are none
     load_adapter_weights(model, folder, TRAINER_WEIGHTS)
     load_trainer_optimizer(optimizer, model, folder / "optimizer.pt")
     step = checkpoint_step(folder)
