@@ -21,18 +21,25 @@ from chinese_vicuna.train.sft import SFTTrainer
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory, tiny_model_dir):
-    """(Trainer checkpoint folder, {parameter name: the Trainer's AdamW state for it})."""
+# LoRA only: one weight-decay group. With the final norm and lm_head trained in full, the Trainer
+# puts the norm in its no-decay group, after lm_head, so its index order differs from the model's.
+MODULES_TO_SAVE = {"lora": None, "lora+norm+lm_head": ["model.norm", "lm_head"]}
+
+
+@pytest.fixture(scope="module", params=list(MODULES_TO_SAVE))
+def hf_checkpoint(request, tmp_path_factory, tiny_model_dir):
+    """(Trainer checkpoint folder, {parameter name: the Trainer's AdamW state for it}, modules_to_save)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     out = tmp_path_factory.mktemp("hf-trainer")
     torch.manual_seed(0)
+    extra = MODULES_TO_SAVE[request.param]
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=extra,
+                   task_type="CAUSAL_LM"),
+    )  # fmt: skip
     rows = [torch.randint(3, 1000, (16,)).tolist() for _ in range(8)]
     data = [{"input_ids": r, "attention_mask": [1] * 16, "labels": r} for r in rows]
     args = TrainingArguments(
@@ -41,12 +48,14 @@ def hf_checkpoint(tmp_path_factory, tiny_model_dir):
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
+    groups = [len(g["params"]) for g in trainer.optimizer.param_groups]
+    assert groups == ([8, 0] if extra is None else [9, 1])  # 2 layers x q,v x A,B (+ lm_head | + norm)
     names = {id(p): n for n, p in model.named_parameters()}
     moments = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
     ckpt = out / f"checkpoint-{STEPS}"
     for f in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"):
         assert (ckpt / f).exists(), f
-    return ckpt, moments
+    return ckpt, moments, extra
 
 
 def our_config(base, data, out, resume, *extra):
@@ -60,7 +69,7 @@ def our_config(base, data, out, resume, *extra):
 
 @pytest.mark.parametrize("layout", ["peft", "chinese-vicuna"])
 def test_resume_from_a_trainer_checkpoint(hf_checkpoint, tiny_model_dir, alpaca_file, tmp_path, layout):
-    ckpt, moments = hf_checkpoint
+    ckpt, moments, modules_to_save = hf_checkpoint
     adapter = load_file(str(ckpt / "adapter_model.safetensors"))
     if layout == "chinese-vicuna":
         # finetune.py overrode state_dict with the adapter's: the Trainer saved it as pytorch_model.bin
@@ -71,16 +80,19 @@ def test_resume_from_a_trainer_checkpoint(hf_checkpoint, tiny_model_dir, alpaca_
             (folder / f).unlink()
         ckpt = folder
     global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
-    trainer = SFTTrainer(our_config(tiny_model_dir, alpaca_file, tmp_path / "run", ckpt), progress_bar=False).setup()
+    extra = ["--modules_to_save", ",".join(modules_to_save)] if modules_to_save else []
+    cfg = our_config(tiny_model_dir, alpaca_file, tmp_path / "run", ckpt, *extra)
+    trainer = SFTTrainer(cfg, progress_bar=False).setup()
     assert trainer.progress.step == global_step == STEPS
     assert trainer.scheduler.last_epoch == STEPS
     model = trainer.accelerator.unwrap_model(trainer.wrapper).model
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert {n.replace(".default", "") for n in trainable} == set(adapter)
+    saved_name = {n: n.replace(".modules_to_save", "").replace(".default", "") for n in trainable}
+    assert set(saved_name.values()) == set(adapter)
     state = trainer.optimizer.optimizer.state
     assert set(moments) == set(trainable)
     for name, p in trainable.items():
-        torch.testing.assert_close(p.detach(), adapter[name.replace(".default", "")], atol=0, rtol=0)
+        torch.testing.assert_close(p.detach(), adapter[saved_name[name]], atol=0, rtol=0)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(state[p][key], moments[name][key], atol=0, rtol=0)
         assert float(state[p]["step"]) == STEPS
@@ -95,7 +107,9 @@ def test_resume_from_a_trainer_checkpoint(hf_checkpoint, tiny_model_dir, alpaca_
 
 def test_trainer_checkpoint_with_other_lora_settings_is_a_clear_error(hf_checkpoint, tiny_model_dir, alpaca_file,
                                                                        tmp_path):  # fmt: skip
-    ckpt, _ = hf_checkpoint
+    ckpt, _, modules_to_save = hf_checkpoint
+    if modules_to_save:
+        pytest.skip("one LoRA layout is enough for the error message")
     p = run_cli("train", "--base_model", tiny_model_dir, "--data_path", alpaca_file, "--output_dir", tmp_path / "o",
                 "--resume", ckpt, "--lora_r", "8", "--max_steps", "3", "--report_to", "none", check=False,
                 env={**os.environ})  # fmt: skip
