@@ -63,12 +63,13 @@ def adapters(tmp_path_factory, sharded_base) -> tuple[Path, Path]:
     return a1, a2
 
 
-# Merged vs unmerged logits, from the same fp32 weights. In float64 the difference is the merge's
-# own error (the fp32 rounding of W + scale * B @ A; measured 2.5e-6 on logits of magnitude 8).
-# An fp32 forward pass rounds by about 1e-5 by itself here (unmerged fp32 vs float64: 1.1e-5), so
-# the fp32 comparison allows that rounding (measured 1.3e-5).
-MERGE_ATOL = 1e-5  # float64 forward
-FP32_ATOL = 2e-5  # fp32 forward
+# Merged vs unmerged logits, from the same fp32 weights. Computed in float64 the difference is the
+# merge's own error: the rounding of W + scale * B @ A to fp32 (measured up to 1.0e-5 over adapters
+# drawn with 25 seeds, logits up to about 10). An fp32 forward pass adds its own rounding: the
+# unmerged fp32 logits alone are up to 4.3e-5 from float64, merged vs unmerged in fp32 up to 3.3e-5.
+# A merge mistake (a missed module, a wrong scale) moves logits by orders of magnitude more.
+MERGE_ATOL = 2e-5  # float64 forward
+FP32_ATOL = 5e-5  # fp32 forward
 
 
 def reference_logits(base_dir: Path, adapter_dirs: list[Path], dtype=torch.float32) -> torch.Tensor:
