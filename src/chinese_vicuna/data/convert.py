@@ -1,12 +1,17 @@
-"""``chinese-vicuna data convert``: domain Q&A corpora -> instruction records with one fixed prompt.
+"""``chinese-vicuna data convert``: domain corpora -> instruction records with one fixed prompt.
 
 - ``cmedqa``: cMedQA2's ``question.csv`` (``question_id,content``) and ``answer.csv``
-  (``ans_id,question_id,content``), joined on ``question_id``.
-- ``lawyer``: Lawyer-LLaMA / CAIL style JSON or JSONL records with ``question``/``answer``,
+  (``ans_id,question_id,content``), joined on ``question_id``. ``--style separate`` (the default)
+  makes one record per answer; ``--style paper`` makes one record per question as Chinese-Vicuna's
+  medical model was trained: input ``病人：{question}``, the doctors' answers merged into one
+  numbered reply ``1.{a1}\\n2.{a2}\\n``.
+- ``lawyer``: Lawyer-LLaMA style JSON or JSONL records with ``question``/``answer``,
   ``input``/``output`` or ``instruction``/``output`` keys.
+- ``cail``: raw CAIL2018 criminal cases (``fact`` + ``meta``: accusation, relevant_articles,
+  term_of_imprisonment, punish_of_money) -> the fact as input and a one-line verdict as output.
 
-Every output record is ``{"instruction": PROMPT, "input": question, "output": answer}``, the format
-of ``data/samples/medical.jsonl`` and ``legal.jsonl``, and what ``configs/continue-*.yaml`` train on.
+Every output record is ``{"instruction": PROMPT, "input": ..., "output": ...}``, the format of
+``data/samples/medical.jsonl`` and ``legal.jsonl``, and what ``configs/continue-*.yaml`` train on.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import argparse
 import csv
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .datasets import DataError, iter_records
+from .datasets import DataError, _json_array, _read_text, iter_records
 
 MEDICAL_PROMPT = "扮演一个专业的医生并回答病人的问题。"
 LEGAL_PROMPT = "扮演一个专业的律师并回答当事人的问题。"
+CAIL_PROMPT = "根据下面的案件事实，给出罪名、相关法条和刑期。"
+PATIENT_PREFIX = "病人："
 
 
 def _read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
@@ -52,6 +60,23 @@ def _read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> list[tuple[s
     return rows
 
 
+def _cmedqa_answers(questions: str, answers: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Question text by id, and ``(question_id, answer text)`` in answer-file order."""
+    qs: dict[str, str] = {}
+    for where, row in _read_csv(questions, ("question_id", "content")):
+        qid = row["question_id"].strip()
+        if qid in qs:
+            raise DataError(f"{where}: question_id: expected a unique id, got {qid!r} twice")
+        qs[qid] = row["content"].strip()
+    pairs = []
+    for where, row in _read_csv(answers, ("ans_id", "question_id", "content")):
+        qid = row["question_id"].strip()
+        if qid not in qs:
+            raise DataError(f"{where}: question_id: expected an id from {questions}, got {qid!r}")
+        pairs.append((qid, row["content"].strip()))
+    return qs, pairs
+
+
 def cmedqa_records(questions: str, answers: str, per_question: int = 1) -> tuple[list[dict], dict[str, int]]:
     """Medical instruction records from cMedQA2 CSVs; at most ``per_question`` answers per question (0: all).
 
@@ -59,19 +84,10 @@ def cmedqa_records(questions: str, answers: str, per_question: int = 1) -> tuple
         The records (in question-file order, answers in answer-file order) and counts
         (``questions``, ``answers``, ``unanswered``, ``records``).
     """
-    qs: dict[str, str] = {}
-    for where, row in _read_csv(questions, ("question_id", "content")):
-        qid = row["question_id"].strip()
-        if qid in qs:
-            raise DataError(f"{where}: question_id: expected a unique id, got {qid!r} twice")
-        qs[qid] = row["content"].strip()
+    qs, pairs = _cmedqa_answers(questions, answers)
     by_q: dict[str, list[str]] = {}
-    rows = _read_csv(answers, ("ans_id", "question_id", "content"))
-    for where, row in rows:
-        qid = row["question_id"].strip()
-        if qid not in qs:
-            raise DataError(f"{where}: question_id: expected an id from {questions}, got {qid!r}")
-        by_q.setdefault(qid, []).append(row["content"].strip())
+    for qid, answer in pairs:
+        by_q.setdefault(qid, []).append(answer)
     records = []
     for qid, question in qs.items():
         picked = by_q.get(qid, [])
@@ -79,8 +95,48 @@ def cmedqa_records(questions: str, answers: str, per_question: int = 1) -> tuple
             records.append({"instruction": MEDICAL_PROMPT, "input": question, "output": answer})
     stats = {
         "questions": len(qs),
-        "answers": len(rows),
+        "answers": len(pairs),
         "unanswered": len(qs) - len(by_q),
+        "records": len(records),
+    }
+    return records, stats
+
+
+def numbered_reply(answers: list[str]) -> str:
+    """Several doctors' answers as one reply: ``1.{a1}\\n2.{a2}\\n`` (each line ends with a newline)."""
+    return "".join(f"{i}.{answer}\n" for i, answer in enumerate(answers, 1))
+
+
+def cmedqa_paper_records(
+    questions: str, answers: str, max_answers: int = 0
+) -> tuple[list[dict], dict[str, int]]:
+    """cMedQA2 as Chinese-Vicuna's medical model saw it: one record per distinct question text.
+
+    ``{"instruction": MEDICAL_PROMPT, "input": "病人：" + question, "output": numbered_reply(answers)}``.
+    Questions whose text is identical are merged (the paper merged repeated questions), their answers
+    pooled in answer-file order; ``max_answers`` caps the numbered answers per record (0: all).
+
+    Returns:
+        The records (in question-file order of each text's first occurrence) and counts
+        (``questions``, ``answers``, ``unanswered``, ``merged``, ``records``).
+    """
+    qs, pairs = _cmedqa_answers(questions, answers)
+    # keyed by text in question-file order; answers appended in answer-file order, as the paper's script did
+    pooled: dict[str, list[str]] = {text: [] for text in qs.values()}
+    for qid, answer in pairs:
+        pooled[qs[qid]].append(answer)
+    records = []
+    for text, answers_ in pooled.items():
+        picked = answers_[:max_answers] if max_answers > 0 else answers_
+        if picked:
+            records.append(
+                {"instruction": MEDICAL_PROMPT, "input": PATIENT_PREFIX + text, "output": numbered_reply(picked)}
+            )
+    stats = {
+        "questions": len(qs),
+        "answers": len(pairs),
+        "unanswered": len(qs) - len({qid for qid, _ in pairs}),
+        "merged": len(qs) - len(pooled),
         "records": len(records),
     }
     return records, stats
@@ -94,38 +150,187 @@ def _text(where: str, record: dict, key: str) -> str:
     return value.strip()
 
 
-def lawyer_records(path: str) -> list[dict]:
-    """Legal instruction records from Lawyer-LLaMA / CAIL style JSON or JSONL.
+def _collect(
+    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, desc: str
+) -> tuple[list[dict], list[str]]:
+    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors returned."""
+    records, skipped = [], []
+    for where, r in tqdm(items, desc=desc, unit=" records", leave=False):
+        try:
+            records.append(convert(where, r))
+        except DataError as e:
+            if on_bad_record != "skip":
+                raise
+            skipped.append(str(e))
+    return records, skipped
+
+
+def _lawyer_record(where: str, r: Any) -> dict:
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: record: expected a JSON object, got {type(r).__name__}")
+    if "question" in r or "answer" in r:
+        question, answer = _text(where, r, "question"), _text(where, r, "answer")
+    elif "output" in r:
+        answer = _text(where, r, "output")
+        parts = []
+        for key in ("instruction", "input"):
+            value = r.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where}: {key}: expected a string, got {type(value).__name__}")
+            if value and value.strip():
+                parts.append(value.strip())
+        question = "\n".join(parts)
+        if not question:
+            raise DataError(f"{where}: input: expected a non-empty question in instruction or input")
+    else:
+        raise DataError(
+            f"{where}: answer: expected question/answer, input/output or instruction/output keys, "
+            f"got {', '.join(map(str, r)) or 'none'}"
+        )
+    return {"instruction": LEGAL_PROMPT, "input": question, "output": answer}
+
+
+def lawyer_records(path: str, on_bad_record: str = "error", skipped: list[str] | None = None) -> list[dict]:
+    """Legal instruction records from Lawyer-LLaMA style JSON or JSONL.
 
     ``question``/``answer`` is used when present; otherwise ``output`` is the answer and the question is
     ``instruction`` and ``input`` joined by a newline (either may be missing or empty).
+
+    Args:
+        path: A JSON array or JSONL file.
+        on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
+        skipped: When given, the error message of every skipped record is appended to it.
     """
-    records = []
-    for where, r in tqdm(iter_records(path), desc=Path(path).name, unit=" records", leave=False):
-        if not isinstance(r, dict):
-            raise DataError(f"{where}: record: expected a JSON object, got {type(r).__name__}")
-        if "question" in r or "answer" in r:
-            question, answer = _text(where, r, "question"), _text(where, r, "answer")
-        elif "output" in r:
-            answer = _text(where, r, "output")
-            parts = []
-            for key in ("instruction", "input"):
-                value = r.get(key)
-                if value is not None and not isinstance(value, str):
-                    raise DataError(f"{where}: {key}: expected a string, got {type(value).__name__}")
-                if value and value.strip():
-                    parts.append(value.strip())
-            question = "\n".join(parts)
-            if not question:
-                raise DataError(f"{where}: input: expected a non-empty question in instruction or input")
-        else:
-            raise DataError(
-                f"{where}: answer: expected question/answer, input/output or instruction/output keys, "
-                f"got {', '.join(map(str, r)) or 'none'}"
-            )
-        records.append({"instruction": LEGAL_PROMPT, "input": question, "output": answer})
+    records, bad = _collect(iter_records(path), _lawyer_record, on_bad_record, Path(path).name)
+    if skipped is not None:
+        skipped.extend(bad)
     if not records:
-        raise DataError(f"{path}: no records found")
+        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
+    return records
+
+
+def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
+    """Records of a CAIL file or folder: CAIL ships JSON Lines under a ``.json`` name, so read by line."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
+        if not files:
+            raise DataError(f"{p}: no .json/.jsonl files in this folder")
+        for f in files:
+            yield from _cail_items(str(f))
+        return
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    text = _read_text(p)
+    if not text.strip():
+        raise DataError(f"{p}:1: empty file; expected records")
+    if text.lstrip().startswith("["):
+        yield from _json_array(p, text)
+        return
+    for n, raw in enumerate(text.splitlines(), 1):
+        if raw.strip():
+            try:
+                yield f"{p}:{n}", json.loads(raw)
+            except json.JSONDecodeError as e:
+                # a bad line is a bad record: `--on-bad-record skip` can leave it out
+                yield f"{p}:{n}", DataError(f"{p}:{n}: record: expected a JSON object (invalid JSON: {e.msg})")
+
+
+def _got(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str | int | float | bool) else type(value).__name__
+
+
+def _bool(where: str, obj: dict, key: str, field: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise DataError(f"{where}: {field}: expected true or false, got {_got(value)}")
+    return value
+
+
+def _count(where: str, obj: dict, key: str, field: str, what: str, required: bool = True) -> int:
+    value = obj.get(key, None if required else 0)
+    # bool is an int subclass in Python, but `true` months is a data error
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{where}: {field}: expected {what} (an integer >= 0), got {_got(value)}")
+    return value
+
+
+def _names(where: str, meta: dict, key: str) -> list:
+    value = meta.get(key)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: meta.{key}: expected a non-empty list, got {_got(value)}")
+    return value
+
+
+def charge_name(accusation: str) -> str:
+    """CAIL's accusation label as a charge: ``盗窃`` -> ``盗窃罪``, ``[生产、销售]假药`` -> ``生产、销售假药罪``."""
+    name = accusation.strip().replace("[", "").replace("]", "")
+    return name if name.endswith("罪") else name + "罪"
+
+
+def cail_verdict(meta: dict, where: str = "meta") -> str:
+    """The output sentence for one CAIL ``meta`` object.
+
+    ``罪名：{charges}。相关法条：第{n}条[、第{m}条]。刑期：{term}。[罚金：{yuan}元。]`` where the term
+    is ``死刑``, ``无期徒刑``, ``{months}个月`` or ``无`` (0 months), and the fine appears only when
+    ``punish_of_money`` is above zero.
+    """
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: meta: expected a JSON object, got {_got(meta)}")
+    charges = []
+    for i, a in enumerate(_names(where, meta, "accusation")):
+        if not isinstance(a, str) or not a.strip():
+            raise DataError(f"{where}: meta.accusation[{i}]: expected a non-empty string, got {_got(a)}")
+        charges.append(charge_name(a))
+    articles = []
+    for i, n in enumerate(_names(where, meta, "relevant_articles")):
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise DataError(
+                f"{where}: meta.relevant_articles[{i}]: expected an article number (an integer > 0), got {_got(n)}"
+            )
+        articles.append(f"第{n}条")
+    term = meta.get("term_of_imprisonment")
+    f = "meta.term_of_imprisonment"
+    if not isinstance(term, dict):
+        raise DataError(f"{where}: {f}: expected a JSON object, got {_got(term)}")
+    months = _count(where, term, "imprisonment", f"{f}.imprisonment", "a whole number of months")
+    if _bool(where, term, "death_penalty", f"{f}.death_penalty"):
+        sentence = "死刑"
+    elif _bool(where, term, "life_imprisonment", f"{f}.life_imprisonment"):
+        sentence = "无期徒刑"
+    else:
+        sentence = f"{months}个月" if months else "无"
+    fine = _count(where, meta, "punish_of_money", "meta.punish_of_money", "a fine in yuan", required=False)
+    out = f"罪名：{'、'.join(charges)}。相关法条：{'、'.join(articles)}。刑期：{sentence}。"
+    return out + (f"罚金：{fine}元。" if fine else "")
+
+
+def _cail_record(where: str, r: Any) -> dict:
+    if isinstance(r, DataError):
+        raise r
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: record: expected a JSON object, got {_got(r)}")
+    fact = _text(where, r, "fact")
+    if "meta" not in r:
+        raise DataError(f"{where}: meta: expected a JSON object, got nothing (the key is missing)")
+    return {"instruction": CAIL_PROMPT, "input": fact, "output": cail_verdict(r["meta"], where)}
+
+
+def cail_records(path: str, on_bad_record: str = "error", skipped: list[str] | None = None) -> list[dict]:
+    """Legal instruction records from raw CAIL2018 cases (a file or a folder of them).
+
+    Each record becomes ``{"instruction": CAIL_PROMPT, "input": fact, "output": cail_verdict(meta)}``.
+
+    Args:
+        path: A CAIL file (JSON Lines, whatever its suffix, or a JSON array) or a folder of them.
+        on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
+        skipped: When given, the error message of every skipped record is appended to it.
+    """
+    records, bad = _collect(_cail_items(path), _cail_record, on_bad_record, Path(path).name)
+    if skipped is not None:
+        skipped.extend(bad)
+    if not records:
+        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
     return records
 
 
@@ -141,26 +346,59 @@ def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
 
 
 def cmd_cmedqa(args: argparse.Namespace, extra: list[str]) -> int:
-    records, stats = cmedqa_records(args.questions, args.answers, args.answers_per_question)
+    if args.style == "paper":
+        records, stats = cmedqa_paper_records(args.questions, args.answers, args.answers_per_question or 0)
+        merged = f", {stats['merged']} repeated questions merged"
+    else:
+        per_question = 1 if args.answers_per_question is None else args.answers_per_question
+        records, stats = cmedqa_records(args.questions, args.answers, per_question)
+        merged = ""
     write_jsonl(args.out, records)
     print(
         f"{stats['records']} records from {stats['questions']} questions and {stats['answers']} answers "
-        f"({stats['unanswered']} questions without an answer skipped) written to {args.out}"
+        f"({stats['unanswered']} questions without an answer skipped{merged}) written to {args.out}"
     )
     return 0
 
 
+def _report(records: list[dict], skipped: list[str], out: str) -> None:
+    for message in skipped[:5]:
+        print(f"skipped: {message}")
+    more = f" ({len(skipped)} bad records skipped)" if skipped else ""
+    print(f"{len(records)} records written to {out}{more}")
+
+
 def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
-    records = lawyer_records(args.input)
+    skipped: list[str] = []
+    records = lawyer_records(args.input, args.on_bad_record, skipped)
     write_jsonl(args.out, records)
-    print(f"{len(records)} records written to {args.out}")
+    _report(records, skipped, args.out)
     return 0
 
 
+def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
+    skipped: list[str] = []
+    records = cail_records(args.input, args.on_bad_record, skipped)
+    write_jsonl(args.out, records)
+    _report(records, skipped, args.out)
+    return 0
+
+
+def _on_bad_record(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-bad-record",
+        "--on_bad_record",
+        dest="on_bad_record",
+        choices=("error", "skip"),
+        default="error",
+        help="error: stop at the first bad record (default); skip: leave bad records out and count them",
+    )
+
+
 def register(subparsers, groups) -> None:
-    """Add ``data convert cmedqa`` and ``data convert lawyer``."""
+    """Add ``data convert cmedqa``, ``data convert lawyer`` and ``data convert cail``."""
     p = groups["data"].add_parser(
-        "convert", help="domain corpora (cMedQA2, Lawyer-LLaMA/CAIL) -> instruction JSONL"
+        "convert", help="domain corpora (cMedQA2, Lawyer-LLaMA, CAIL2018) -> instruction JSONL"
     )
     csub = p.add_subparsers(dest="convert_command", metavar="FORMAT", required=True)
     q = csub.add_parser("cmedqa", help=f"cMedQA2 CSVs -> medical records (instruction: {MEDICAL_PROMPT})")
@@ -168,16 +406,41 @@ def register(subparsers, groups) -> None:
     q.add_argument("--answers", required=True, help="answer.csv: ans_id,question_id,content")
     q.add_argument("--out", required=True, help="output JSONL")
     q.add_argument(
-        "--answers-per-question", type=int, default=1, help="records per question, one per answer (0: all)"
+        "--style",
+        choices=("separate", "paper"),
+        default="separate",
+        help="separate: one record per answer, input = the question (default); paper: one record per "
+        f"question as the Chinese-Vicuna paper trained, input = '{PATIENT_PREFIX}' + question, output = "
+        "all doctors' answers numbered '1.…\\n2.…\\n', repeated questions merged",
+    )
+    q.add_argument(
+        "--answers-per-question",
+        type=int,
+        default=None,
+        help="separate: records per question, one per answer (default 1; 0: all); "
+        "paper: answers merged into each reply (default 0: all)",
     )
     q.set_defaults(func=cmd_cmedqa)
-    q = csub.add_parser(
-        "lawyer", help=f"Lawyer-LLaMA/CAIL JSON(L) -> legal records (instruction: {LEGAL_PROMPT})"
-    )
+    q = csub.add_parser("lawyer", help=f"Lawyer-LLaMA JSON(L) -> legal records (instruction: {LEGAL_PROMPT})")
     q.add_argument(
         "--input",
         required=True,
         help="JSON array or JSONL with question/answer, input/output or instruction/output",
     )
     q.add_argument("--out", required=True, help="output JSONL")
+    _on_bad_record(q)
     q.set_defaults(func=cmd_lawyer)
+    q = csub.add_parser(
+        "cail",
+        help=f"raw CAIL2018 cases -> legal records (instruction: {CAIL_PROMPT})",
+        description="Each case becomes {instruction, input: fact, output}; the output reads "
+        "'罪名：盗窃罪。相关法条：第264条。刑期：6个月。' (+ '罚金：N元。' when fined).",
+    )
+    q.add_argument(
+        "--input",
+        required=True,
+        help="a CAIL2018 file (one JSON case per line, as CAIL ships its .json files) or a folder of them",
+    )
+    q.add_argument("--out", required=True, help="output JSONL")
+    _on_bad_record(q)
+    q.set_defaults(func=cmd_cail)
