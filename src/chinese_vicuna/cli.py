@@ -89,9 +89,9 @@ def _gen_args(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from tqdm.auto import tqdm
 
+    from .eval.compare import read_prompts
     from .generation.decode import generate_batch, instruction_conversation
     from .generation.engine import LlamaCppEngine, load_engine
-    from .tools.evaluate import read_prompts
 
     if not args.prompt and not args.input:
         raise ConfigError("generate: give --prompt TEXT or --input prompts.jsonl")
@@ -132,13 +132,17 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tools.evaluate import compare, print_side_by_side, read_prompts, write_results
+    from .eval import compare as cmp
 
-    prompts = read_prompts(args.input, args.limit)
-    columns = compare(prompts, args.adapter or [], args.model, _gen_args(args), args.template)
-    print_side_by_side(prompts, columns)
+    prompts = cmp.read_prompts(args.input, args.limit)
+    refs = cmp.read_references(args.reference, prompts) if args.reference else None
+    columns = cmp.compare(prompts, args.adapter or [], args.model, _gen_args(args), args.template)
+    cmp.print_side_by_side(prompts, columns)
+    scores = cmp.reference_scores(columns, refs) if refs else None
+    if scores:
+        cmp.print_scores(scores)
     if args.output:
-        write_results(args.output, prompts, columns)
+        cmp.write_results(args.output, prompts, columns, refs, scores)
         print(f"written to {args.output}")
     return 0
 
@@ -162,7 +166,7 @@ def _add_gen_flags(p: argparse.ArgumentParser) -> None:
 # does the work; heavy imports stay inside ``func`` so that ``--help`` stays instant.
 COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands", "chat.commands",
-    "tools.vocab_cmd", "tools.ceval", "data.convert", "tools.model_cmds",
+    "tools.vocab_cmd", "eval.commands", "data.convert", "tools.model_cmds",
 )
 
 
@@ -225,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--template", default=None)
     q.add_argument("--limit", type=int, default=None)
     q.add_argument("--output", default=None, help="write a .md table or .json")
+    q.add_argument("--reference", default=None,
+                   help="JSON/JSONL of {instruction, input?, reference|output}: score each column's answers "
+                        "(character F1, ROUGE-L)")  # fmt: skip
     _add_gen_flags(q)
     q.set_defaults(func=cmd_eval_compare)
     for name in COMMAND_MODULES:

@@ -12,42 +12,45 @@ from helpers import SAMPLES, make_tiny_llama
 from helpers import run_cli as cli
 
 from chinese_vicuna.data.datasets import DataError
-from chinese_vicuna.tools.ceval import (
-    Question,
-    build_prompt,
-    evaluate,
-    letter_ids,
-    parse_answer,
-    predict,
-    read_csv,
-)
-from chinese_vicuna.tools.perplexity import perplexity, window_spans
+from chinese_vicuna.eval.benchmarks import evaluate, predict
+from chinese_vicuna.eval.ceval import CEVAL, COLUMNS, build_prompt
+from chinese_vicuna.eval.mcq import Question, letter_ids, parse_answer, read_questions
+from chinese_vicuna.eval.perplexity import perplexity, window_spans
 
 ROOT = Path(__file__).resolve().parents[2]
-CEVAL = SAMPLES / "ceval"
+CEVAL_DIR = SAMPLES / "ceval"
 HEADER = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
 
 
+def read_csv(path, need_answer: bool = True) -> list[Question]:
+    return read_questions(path, COLUMNS, need_answer, "C-Eval")
+
+
 class PreferLetter(torch.nn.Module):
-    """A fake causal LM whose next-token logits always favour one answer letter; records its inputs."""
+    """A fake causal LM whose next-token logits always favour one answer letter; records its inputs.
+
+    It keeps no KV cache, so prompts are scored whole; each batch row is recorded without its padding.
+    """
 
     def __init__(self, tokenizer, letter: str, max_positions: int = 2048):
         super().__init__()
         self.config = SimpleNamespace(max_position_embeddings=max_positions)
         self.vocab = len(tokenizer)
-        self.favourite = letter_ids(tokenizer)["ABCD".index(letter)]
+        self.favourite = letter_ids(tokenizer, "答案：")[0]["ABCD".index(letter)]
         self.inputs: list[list[int]] = []
 
-    def forward(self, input_ids, **kwargs):
-        self.inputs.append(input_ids[0].tolist())
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+    def forward(self, input_ids, attention_mask=None, use_cache=False, **kwargs):
+        if not use_cache:  # the shared-prefix pass (use_cache) is not a question
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            self.inputs += [row[m.bool()].tolist() for row, m in zip(input_ids, mask[:, -input_ids.shape[1] :])]
+        logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.favourite] = 1.0
         return SimpleNamespace(logits=logits)
 
 
 def test_prompts_are_c_evals_exactly():
-    val = read_csv(CEVAL / "val" / "computer_network_val.csv")
-    dev = read_csv(CEVAL / "dev" / "computer_network_dev.csv")
+    val = read_csv(CEVAL_DIR / "val" / "computer_network_val.csv")
+    dev = read_csv(CEVAL_DIR / "dev" / "computer_network_dev.csv")
     assert build_prompt("computer_network", val[0], []) == (
         HEADER + "TCP建立连接的过程通常称为\nA. 两次握手\nB. 四次握手\nC. 一次握手\nD. 三次握手\n答案："
     )
@@ -63,7 +66,7 @@ def test_prompts_are_c_evals_exactly():
 
 def test_accuracy_is_the_fraction_of_the_favoured_letter(tokenizer):
     model = PreferLetter(tokenizer, "B")
-    result = evaluate(model, tokenizer, CEVAL, progress=False)
+    result = evaluate(model, tokenizer, CEVAL, CEVAL_DIR, progress=False)
     subjects = result["subjects"]
     assert list(subjects) == ["chinese_language_and_literature", "computer_network", "high_school_geography"]
     # the sample's B answers: 0, 2 and 1 of 12
@@ -72,35 +75,39 @@ def test_accuracy_is_the_fraction_of_the_favoured_letter(tokenizer):
     assert result["average"] == (0 + 2 / 12 + 1 / 12) / 3 and result["overall"] == 3 / 36
     assert set(subjects["computer_network"]["predictions"].values()) == {"B"}
     assert result["mode"] == "logits" and result["shots"] == 0 and result["split"] == "val"
-    # the model saw exactly the zero-shot prompt of every question
-    first = read_csv(CEVAL / "val" / "chinese_language_and_literature_val.csv")[0]
-    prompt = build_prompt("chinese_language_and_literature", first, [])
-    assert model.inputs[0] == tokenizer(prompt)["input_ids"] and len(model.inputs) == 36
+    # the model saw exactly the zero-shot prompt of every question (batched shortest first)
+    want = [
+        tokenizer(build_prompt(s, q, []))["input_ids"]
+        for s in subjects
+        for q in read_csv(CEVAL_DIR / "val" / f"{s}_val.csv")
+    ]
+    assert sorted(model.inputs) == sorted(want) and len(model.inputs) == 36
 
 
 def test_few_shot_prompts_and_context_limit(tokenizer):
-    val = read_csv(CEVAL / "val" / "computer_network_val.csv")[:2]
-    dev = read_csv(CEVAL / "dev" / "computer_network_dev.csv")
+    val = read_csv(CEVAL_DIR / "val" / "computer_network_val.csv")[:2]
+    dev = read_csv(CEVAL_DIR / "dev" / "computer_network_dev.csv")
     model = PreferLetter(tokenizer, "D")
-    assert predict(model, tokenizer, "computer_network", val, dev[:3], progress=False) == ["D", "D"]
-    assert model.inputs[1] == tokenizer(build_prompt("computer_network", val[1], dev[:3]))["input_ids"]
+    assert predict(model, tokenizer, CEVAL, "computer_network", val, dev[:3])[0] == ["D", "D"]
+    assert tokenizer(build_prompt("computer_network", val[1], dev[:3]))["input_ids"] in model.inputs
     # a context too short for 3 examples: examples are dropped from the end until the prompt fits
     two = len(tokenizer(build_prompt("computer_network", val[0], dev[:2]))["input_ids"])
     small = PreferLetter(tokenizer, "A", max_positions=two)
-    predict(small, tokenizer, "computer_network", val[:1], dev[:3], progress=False)
+    predict(small, tokenizer, CEVAL, "computer_network", val[:1], dev[:3])
     assert small.inputs[0] == tokenizer(build_prompt("computer_network", val[0], dev[:2]))["input_ids"]
 
 
 def test_tiny_model_prediction_is_the_argmax_of_the_letter_logits(tokenizer):
     model = make_tiny_llama(len(tokenizer), seed=5).eval()
-    questions = read_csv(CEVAL / "val" / "high_school_geography_val.csv")
-    dev = read_csv(CEVAL / "dev" / "high_school_geography_dev.csv")
-    preds = predict(model, tokenizer, "high_school_geography", questions, dev[:1], progress=False)
-    letters = letter_ids(tokenizer)
-    assert tokenizer.convert_ids_to_tokens(letters) == ["A", "B", "C", "D"]
+    questions = read_csv(CEVAL_DIR / "val" / "high_school_geography_val.csv")
+    dev = read_csv(CEVAL_DIR / "dev" / "high_school_geography_dev.csv")
+    preds = predict(model, tokenizer, CEVAL, "high_school_geography", questions, dev[:1])[0]
     want = []
     for q in questions:
-        ids = tokenizer(build_prompt("high_school_geography", q, dev[:1]))["input_ids"]
+        prompt = build_prompt("high_school_geography", q, dev[:1])
+        letters, drop = letter_ids(tokenizer, prompt)
+        assert tokenizer.convert_ids_to_tokens(letters) == ["A", "B", "C", "D"] and drop == 0
+        ids = tokenizer(prompt)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, -1]
         want.append("ABCD"[int(logits[letters].argmax())])
@@ -110,10 +117,10 @@ def test_tiny_model_prediction_is_the_argmax_of_the_letter_logits(tokenizer):
 def test_generate_mode_counts_parsed_letters(tokenizer):
     model = make_tiny_llama(len(tokenizer), seed=5).eval()
     result = evaluate(
-        model, tokenizer, CEVAL, ["computer_network"], generate=True, max_new_tokens=3, progress=False
+        model, tokenizer, CEVAL, CEVAL_DIR, ["computer_network"], generate=True, max_new_tokens=3, progress=False
     )
     s = result["subjects"]["computer_network"]
-    answers = [q.answer for q in read_csv(CEVAL / "val" / "computer_network_val.csv")]
+    answers = [q.answer for q in read_csv(CEVAL_DIR / "val" / "computer_network_val.csv")]
     preds = list(s["predictions"].values())
     assert result["mode"] == "generate" and len(preds) == 12 and set(preds) <= {"A", "B", "C", "D", None}
     assert s["correct"] == sum(p == a for p, a in zip(preds, answers, strict=True))
@@ -193,11 +200,11 @@ def test_help(cmd):
 
 def test_ceval_cli(tiny_model_dir, tmp_path):
     out = tmp_path / "res" / "ceval.json"
-    p = cli("eval", "ceval", "--data", CEVAL, "--model", tiny_model_dir, "--subjects", "computer_network", "--shots", "2",
+    p = cli("eval", "ceval", "--data", CEVAL_DIR, "--model", tiny_model_dir, "--subjects", "computer_network", "--shots", "2",
             "--output", out)  # fmt: skip
     result = json.loads(out.read_text())
     s = result["subjects"]["computer_network"]
-    answers = {q.id: q.answer for q in read_csv(CEVAL / "val" / "computer_network_val.csv")}
+    answers = {q.id: q.answer for q in read_csv(CEVAL_DIR / "val" / "computer_network_val.csv")}
     assert list(result["subjects"]) == ["computer_network"] and s["total"] == 12 and result["shots"] == 2
     assert s["correct"] == sum(p == answers[i] for i, p in s["predictions"].items())
     assert result["average"] == s["accuracy"] and result["model"] == str(tiny_model_dir)
@@ -250,14 +257,15 @@ def test_cli_errors(tmp_path, capsys):
         p.stderr.strip()
         == f"error: {bad}:1: D: expected a column named 'D' (header: id,question,A,B,C,answer)"
     )
-    assert err("eval", "ceval", "--data", CEVAL, "--subjects", "nope") == (
-        f"error: {CEVAL / 'val' / 'nope_val.csv'}: C-Eval file not found\n"
+    assert err("eval", "ceval", "--data", CEVAL_DIR, "--subjects", "nope") == (
+        f"error: {CEVAL_DIR / 'val' / 'nope_val.csv'}: C-Eval file not found\n"
     )
-    assert err("eval", "ceval", "--data", CEVAL, "--shots", "6") == (
-        "error: --shots: expected 0..5 (C-Eval has 5 dev examples per subject), got 6\n"
+    assert err("eval", "ceval", "--data", CEVAL_DIR, "--shots", "6") == (
+        "error: --shots: expected 0..5 (5 dev examples per subject), got 6\n"
     )
     assert err("eval", "ceval", "--data", tmp_path / "none") == (
-        f"error: {tmp_path / 'none' / 'val'}: no such folder (expected the C-Eval layout DIR/{{dev,val,test}}/)\n"
+        f"error: {tmp_path / 'none' / 'val'}: no such folder "
+        "(expected the C-Eval layout: DIR/{dev,val,test}/<subject>_<split>.csv)\n"
     )
     assert err("eval", "ppl", "--data", bad, "--stride", "0") == (
         "error: --window/--stride: expected window >= 2 and 1 <= stride <= window, got window=512, stride=0\n"

@@ -1,4 +1,10 @@
-"""Side-by-side generations: the same prompts through the bare base model and adapters."""
+"""Side-by-side generations: the same prompts through the bare base model and adapters.
+
+With reference answers (``--reference``: JSON/JSONL records with the prompts' ``instruction`` and
+``input`` and a reference answer in ``reference`` or ``output``), each column also gets the mean
+character-level F1 and ROUGE-L of its answers against the references
+(:mod:`chinese_vicuna.eval.metrics`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,48 @@ def read_prompts(path: str, limit: int | None = None) -> list[tuple[str, str]]:
             raise DataError(f"{where}: input: expected a string")
         prompts.append((r["instruction"], ctx))
     return prompts[:limit] if limit else prompts
+
+
+def read_references(path: str, prompts: list[tuple[str, str]]) -> list[str]:
+    """The reference answer of every prompt, matched on ``(instruction, input)``.
+
+    Raises:
+        DataError: ``file:line: field: expected ...`` for a bad record, or a prompt without a reference.
+    """
+    refs: dict[tuple[str, str], str] = {}
+    for where, r in iter_records(path):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise DataError(f"{where}: instruction: expected a string")
+        key = "reference" if "reference" in r else "output"
+        if not isinstance(r.get(key), str):
+            raise DataError(f"{where}: reference: expected a string in 'reference' or 'output'")
+        refs.setdefault((r["instruction"], r.get("input") or ""), r[key])
+    missing = [k for k, p in enumerate(prompts) if p not in refs]
+    if missing:
+        ins = prompts[missing[0]][0]
+        raise DataError(
+            f"{path}: no reference for {len(missing)} prompt(s), the first: prompt {missing[0] + 1} ({ins[:30]!r})"
+        )
+    return [refs[p] for p in prompts]
+
+
+def reference_scores(columns: dict[str, list[str]], references: list[str]) -> dict[str, dict[str, float]]:
+    """``{column: {"char_f1": mean, "rouge_l": mean}}`` against the references."""
+    from .metrics import corpus_scores
+
+    return {name: corpus_scores(answers, references) for name, answers in columns.items()}
+
+
+def print_scores(scores: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="against the reference answers (character based)")
+    for col, justify in (("model", "left"), ("char F1", "right"), ("ROUGE-L", "right")):
+        table.add_column(col, justify=justify)
+    for name, s in scores.items():
+        table.add_row(name, f"{s['char_f1']:.3f}", f"{s['rouge_l']:.3f}")
+    Console(width=100).print(table)
 
 
 def compare(
@@ -75,13 +123,23 @@ def print_side_by_side(prompts: list[tuple[str, str]], columns: dict[str, list[s
     Console(width=160).print(table)
 
 
-def write_results(path: str, prompts, columns) -> None:
+def write_results(path: str, prompts, columns, references: list[str] | None = None,
+                  scores: dict | None = None) -> None:  # fmt: skip
+    """A ``.md`` table (+ scores), or ``.json`` rows (+ ``reference``) or, with scores, ``{rows, scores}``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     if p.suffix == ".json":
         rows = [{"instruction": i, "input": c, **{k: v[n] for k, v in columns.items()}} for n, (i, c) in enumerate(prompts)]
-        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+        for row, ref in zip(rows, references or [], strict=False):
+            row["reference"] = ref
+        obj = {"rows": rows, "scores": scores} if scores else rows
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
     else:
-        tmp.write_text(to_markdown(prompts, columns), encoding="utf-8")
+        md = to_markdown(prompts, columns)
+        if scores:
+            md += "\n| model | char F1 | ROUGE-L |\n|---|---|---|\n" + "".join(
+                f"| {k} | {s['char_f1']:.3f} | {s['rouge_l']:.3f} |\n" for k, s in scores.items()
+            )
+        tmp.write_text(md, encoding="utf-8")
     tmp.replace(p)
