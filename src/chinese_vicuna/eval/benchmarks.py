@@ -38,6 +38,7 @@ class Benchmark:
     categories: dict[str, tuple[str, ...]]  # subject -> its categories
     category_order: tuple[str, ...]
     splits: tuple[str, ...] = ("dev", "val", "test")
+    unanswered: str | None = "test"  # the split published without answers (C-Eval's test)
 
     def subject_of(self, path: Path, split: str) -> str:
         head, tail = self.pattern(split).split("*")
@@ -56,7 +57,8 @@ class Benchmark:
     def layout(self) -> str:
         return f"DIR/{{{','.join(self.splits)}}}/{self.pattern('<split>').replace('*', '<subject>')}"
 
-    def read(self, data: Path, split: str, subject: str, need_answer: bool = True) -> list[Question]:
+    def read(self, data: Path, split: str, subject: str) -> list[Question]:
+        need_answer = split != self.unanswered
         return read_questions(self.file(data, split, subject), self.columns, need_answer, self.name)
 
     def examples(self, data: Path, subject: str, shots: int) -> list[Question]:
@@ -149,7 +151,7 @@ def evaluate(
     subjects = subjects or bench.discover(data, split)
     loaded = {}
     for s in subjects:  # read every file first: a bad file fails before any model time is spent
-        questions = bench.read(data, split, s, need_answer=split != "test")
+        questions = bench.read(data, split, s)
         loaded[s] = (questions[:limit] if limit else questions, bench.examples(data, s, shots))
     result: dict = {
         "benchmark": bench.key,

@@ -128,4 +128,5 @@ CMMLU = Benchmark(
     categories={s: tuple(dict.fromkeys(CATEGORY_OF[c] for c in subs)) for s, (_, subs) in SUBJECTS.items()},
     category_order=CATEGORIES,
     splits=("dev", "test"),
+    unanswered=None,
 )

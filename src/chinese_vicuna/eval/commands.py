@@ -15,8 +15,6 @@ from ..config import ConfigError
 def _template(args: argparse.Namespace, meta: dict, tokenizer):
     """The instruction template for ``--with-prompt``: --template, else the adapter's, else alpaca."""
     if not args.with_prompt:
-        if args.template:
-            raise ConfigError("--template: only used with --with-prompt")
         return None
     from ..data.templates import get_template
 
@@ -30,6 +28,8 @@ def run_benchmark(bench, args: argparse.Namespace) -> int:
     from .mcq import check_shots
 
     check_shots(args.shots)
+    if args.template and not args.with_prompt:
+        raise ConfigError("--template: only used with --with-prompt")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected 1 or more, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
@@ -38,7 +38,7 @@ def run_benchmark(bench, args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     subjects = subjects or bench.discover(data, split)
     for s in subjects:  # every file checked before a model is loaded
-        bench.read(data, split, s, need_answer=split != "test")
+        bench.read(data, split, s)
         bench.examples(data, s, args.shots)
     model, tok, meta = load_for_inference(args.model, args.adapter or [])
     template = _template(args, meta, tok)
