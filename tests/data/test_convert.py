@@ -262,6 +262,23 @@ def test_cail_accepts_json_arrays_and_folders(tmp_path):
     assert charge_name("盗窃罪") == "盗窃罪"
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\n\n", "1: empty file; expected records"),
+     (b'{"fact": "a", "meta": {"accusation": ["b"], "relevant_articles": [1], "term_of_imprisonment": '
+      b'{"imprisonment": 1}}}\n{"fact": "\xff"}\n', "2: not valid UTF-8 (byte 10 of the line); expected UTF-8 text")],
+)  # fmt: skip
+def test_cail_unreadable_files_fail_whatever_on_bad_record(tmp_path, content, message):
+    src = tmp_path / "data_test.json"
+    src.write_bytes(content)
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError) as e:
+            cail_records(str(src), on_bad_record=mode)
+        assert str(e.value) == f"{src}:{message}"
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        cail_records(str(tmp_path / "nope.json"))
+
+
 def _case(**meta_changes):
     meta = {"accusation": ["盗窃"], "relevant_articles": [264], "punish_of_money": 0,
             "term_of_imprisonment": {"death_penalty": False, "life_imprisonment": False, "imprisonment": 6}}  # fmt: skip

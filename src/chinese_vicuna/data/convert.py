@@ -210,7 +210,10 @@ def lawyer_records(path: str, on_bad_record: str = "error", skipped: list[str] |
 
 
 def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
-    """Records of a CAIL file or folder: CAIL ships JSON Lines under a ``.json`` name, so read by line."""
+    """Records of a CAIL file or folder: CAIL ships JSON Lines under a ``.json`` name, so read by line.
+
+    JSON Lines are streamed (CAIL2018's largest file is over a million cases); a JSON array is read whole.
+    """
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
@@ -221,19 +224,28 @@ def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
         return
     if not p.is_file():
         raise DataError(f"{p}: file not found")
-    text = _read_text(p)
-    if not text.strip():
-        raise DataError(f"{p}:1: empty file; expected records")
-    if text.lstrip().startswith("["):
-        yield from _json_array(p, text)
+    with open(p, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    if head.startswith("["):
+        yield from _json_array(p, _read_text(p))
         return
-    for n, raw in enumerate(text.splitlines(), 1):
-        if raw.strip():
+    seen = False
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                yield f"{p}:{n}", json.loads(raw)
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid UTF-8 (byte {e.start} of the line); expected UTF-8 text") from None
+            if not line.strip():
+                continue
+            seen = True
+            try:
+                yield f"{p}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
                 # a bad line is a bad record: `--on-bad-record skip` can leave it out
                 yield f"{p}:{n}", DataError(f"{p}:{n}: record: expected a JSON object (invalid JSON: {e.msg})")
+    if not seen:
+        raise DataError(f"{p}:1: empty file; expected records")
 
 
 def _got(value: Any) -> str:
