@@ -13,6 +13,7 @@ from chinese_vicuna.data.convert import (
     LEGAL_PROMPT,
     MEDICAL_PROMPT,
     PATIENT_PREFIX,
+    as_chat,
     cail_records,
     charge_name,
     cmedqa_paper_records,
@@ -347,6 +348,27 @@ def test_cail_and_lawyer_cli_stop_or_skip_bad_records(tmp_path):
     p = cli("data", "convert", "lawyer", "--input", law, "--out", tmp_path / "x.jsonl", "--on_bad_record", "skip")
     assert f"1 records written to {tmp_path / 'x.jsonl'} (1 bad records skipped)" in p.stdout
     assert cli("data", "convert", "cail", "--help").stdout.startswith("usage: chinese-vicuna data convert cail")
+
+
+def test_chat_format_for_the_vicuna_chat_template(tmp_path):
+    """--format chat: the legal question alone as the user turn (the paper's legal chat data); CAIL keeps its task."""
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps([{"question": "试用期多久？", "answer": "最长六个月。"}], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "legal_chat.jsonl"
+    cli("data", "convert", "lawyer", "--input", law, "--out", out, "--format", "chat")
+    assert json.loads(out.read_text(encoding="utf-8")) == {"input": ["试用期多久？"], "output": ["最长六个月。"]}
+    from chinese_vicuna.data.datasets import load_conversations, parse_source
+
+    conv = load_conversations([parse_source(str(out))]).conversations[0]
+    assert [(m.role, m.content) for m in conv.messages] == [("user", "试用期多久？"), ("assistant", "最长六个月。")]
+    cail_out = tmp_path / "cail_chat.jsonl"
+    cli("data", "convert", "cail", "--input", SAMPLES / "cail_sample.json", "--out", cail_out, "--format", "chat")
+    first = json.loads(cail_out.read_text(encoding="utf-8").splitlines()[0])
+    fact = json.loads((SAMPLES / "cail_sample.json").read_text(encoding="utf-8").splitlines()[0])["fact"]
+    assert first == {"input": [f"{CAIL_PROMPT}\n{fact}"], "output": [CAIL_OUTPUTS[0]]}
+    assert as_chat({"instruction": MEDICAL_PROMPT, "input": "病人：头痛", "output": "1.休息\n"}) == {
+        "input": [f"{MEDICAL_PROMPT}\n病人：头痛"], "output": ["1.休息\n"]
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -380,10 +380,20 @@ def _report(records: list[dict], skipped: list[str], out: str) -> None:
     print(f"{len(records)} records written to {out}{more}")
 
 
+def as_chat(record: dict) -> dict:
+    """An instruction record as a one-turn Chinese-Vicuna chat record ``{"input": [q], "output": [a]}``.
+
+    The legal Q&A prompt is dropped, the user turn being the question alone as in the paper's legal
+    chat data; any other instruction (CAIL's task) stays in front of the input, joined by a newline.
+    """
+    user = record["input"] if record["instruction"] == LEGAL_PROMPT else f"{record['instruction']}\n{record['input']}"
+    return {"input": [user], "output": [record["output"]]}
+
+
 def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
     skipped: list[str] = []
     records = lawyer_records(args.input, args.on_bad_record, skipped)
-    write_jsonl(args.out, records)
+    write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
     _report(records, skipped, args.out)
     return 0
 
@@ -391,12 +401,19 @@ def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
     skipped: list[str] = []
     records = cail_records(args.input, args.on_bad_record, skipped)
-    write_jsonl(args.out, records)
+    write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
     _report(records, skipped, args.out)
     return 0
 
 
-def _on_bad_record(p: argparse.ArgumentParser) -> None:
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=("alpaca", "chat"),
+        default="alpaca",
+        help="alpaca: {instruction, input, output} (default); chat: Chinese-Vicuna chat records "
+        "{input: [question], output: [answer]} for the vicuna-chat template",
+    )
     p.add_argument(
         "--on-bad-record",
         "--on_bad_record",
@@ -440,7 +457,7 @@ def register(subparsers, groups) -> None:
         help="JSON array or JSONL with question/answer, input/output or instruction/output",
     )
     q.add_argument("--out", required=True, help="output JSONL")
-    _on_bad_record(q)
+    _output_options(q)
     q.set_defaults(func=cmd_lawyer)
     q = csub.add_parser(
         "cail",
@@ -454,5 +471,5 @@ def register(subparsers, groups) -> None:
         help="a CAIL2018 file (one JSON case per line, as CAIL ships its .json files) or a folder of them",
     )
     q.add_argument("--out", required=True, help="output JSONL")
-    _on_bad_record(q)
+    _output_options(q)
     q.set_defaults(func=cmd_cail)
