@@ -11,7 +11,8 @@
   term_of_imprisonment, punish_of_money) -> the fact as input and a one-line verdict as output.
 
 Every output record is ``{"instruction": PROMPT, "input": ..., "output": ...}``, the format of
-``data/samples/medical.jsonl`` and ``legal.jsonl``, and what ``configs/continue-*.yaml`` train on.
+``data/samples/medical.jsonl`` and ``legal.jsonl``, and what ``configs/continue-*.yaml`` train on;
+``lawyer``/``cail --format chat`` write one-turn Chinese-Vicuna chat records instead (:func:`as_chat`).
 """
 
 from __future__ import annotations
