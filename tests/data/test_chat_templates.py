@@ -89,15 +89,25 @@ def test_overlong_samples_are_truncated_with_the_terminator(styled):
     assert full.trained - 50 <= s.trained < full.trained
 
 
-def test_engine_stops_on_the_terminator(styled, tmp_path):
+def test_engine_stops_on_the_terminator(styled):
     """Generation ends on the template's terminator even when it is not the tokenizer's EOS."""
+    import torch
     from helpers import make_tiny_llama
 
-    from chinese_vicuna.generation.decode import eos_ids
+    from chinese_vicuna.generation.decode import GenArgs, eos_ids
     from chinese_vicuna.generation.engine import Engine
 
     style, tok = styled
+    end_id = tok.convert_tokens_to_ids(END[style])
     model = make_tiny_llama(len(tok))
     engine = Engine(model, tok, get_template("auto", tok))
-    assert tok.convert_tokens_to_ids(END[style]) in eos_ids(engine.model, tok)
-    assert tok.eos_token_id in eos_ids(engine.model, tok)
+    assert end_id in eos_ids(engine.model, tok) and tok.eos_token_id in eos_ids(engine.model, tok)
+    # make the terminator the model's greedy first token: lm_head sees only it after this prompt
+    conv = Conversation([Message("user", "你好")])
+    ids = engine.prompt_ids(conv)
+    with torch.no_grad():
+        h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end_id] = 10 * h / h.dot(h)
+    out = engine.generate(conv, GenArgs(max_new_tokens=6, repetition_penalty=1.0))
+    assert (out.finish_reason, out.completion_tokens, out.text) == ("stop", 1, "")
