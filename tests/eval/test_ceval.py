@@ -192,16 +192,28 @@ def test_perplexity_matches_direct_computation(tokenizer):
 
 
 @pytest.mark.parametrize("cmd", [["eval", "ceval"], ["eval", "ppl"]])
-def test_help(cmd):
-    out = cli(*cmd, "--help").stdout
+def test_help(cmd, capsys):
+    from chinese_vicuna.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*cmd, "--help"])
+    out = capsys.readouterr().out
     assert out.startswith(f"usage: chinese-vicuna {' '.join(cmd)}")
     assert "--adapter" in out and "--model" in out
 
 
-def test_ceval_cli(tiny_model_dir, tmp_path):
+def _run(capsys, *args) -> SimpleNamespace:
+    """The console script's code path in-process (no new interpreter), asserting success."""
+    from chinese_vicuna.cli import main
+
+    assert main([str(a) for a in args]) == 0
+    return SimpleNamespace(stdout=capsys.readouterr().out)
+
+
+def test_ceval_cli(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "res" / "ceval.json"
-    p = cli("eval", "ceval", "--data", CEVAL_DIR, "--model", tiny_model_dir, "--subjects", "computer_network", "--shots", "2",
-            "--output", out)  # fmt: skip
+    p = _run(capsys, "eval", "ceval", "--data", CEVAL_DIR, "--model", tiny_model_dir, "--subjects", "computer_network",
+             "--shots", "2", "--output", out)  # fmt: skip
     result = json.loads(out.read_text())
     s = result["subjects"]["computer_network"]
     answers = {q.id: q.answer for q in read_csv(CEVAL_DIR / "val" / "computer_network_val.csv")}
@@ -212,14 +224,15 @@ def test_ceval_cli(tiny_model_dir, tmp_path):
     assert not list(out.parent.glob("*.tmp"))
 
 
-def test_ppl_cli(tiny_model_dir, tmp_path):
+def test_ppl_cli(tiny_model_dir, tmp_path, capsys):
     from chinese_vicuna.model.adapters import load_for_inference
     from chinese_vicuna.model.vocab import read_texts
 
     data = tmp_path / "t.txt"
     data.write_text((SAMPLES / "pretrain.txt").read_text(encoding="utf-8")[:400], encoding="utf-8")
     out = tmp_path / "ppl.json"
-    p = cli(
+    p = _run(
+        capsys,
         "eval",
         "ppl",
         "--data",
