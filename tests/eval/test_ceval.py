@@ -124,6 +124,7 @@ def test_generate_mode_counts_parsed_letters(tokenizer):
     preds = list(s["predictions"].values())
     assert result["mode"] == "generate" and len(preds) == 12 and set(preds) <= {"A", "B", "C", "D", None}
     assert s["correct"] == sum(p == a for p, a in zip(preds, answers, strict=True))
+    assert s["no_letter"] == preds.count(None)
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,8 @@ def evaluate(
             "accuracy": correct / len(scored) if scored else None,
             "predictions": {q.id: p for q, p in zip(questions, preds, strict=True)},
         }
+        if generate:  # answers in which no letter was found (counted wrong)
+            result["subjects"][subject]["no_letter"] = sum(p is None for p in preds)
     bar.close()
     return summarise(bench, result)
 
