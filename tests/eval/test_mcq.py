@@ -144,3 +144,19 @@ def test_cmmlu_subject_category_and_average_accuracy(tokenizer):
 def test_parse_answer_regex_is_documented():
     assert mcq.ANSWER_PATTERNS[0] in mcq.parse_answer.__doc__ or "ANSWER_PATTERNS" in mcq.parse_answer.__doc__
     assert mcq.parse_answer("题目很难，我选 C 吧") == "C" and mcq.parse_answer("无法确定") is None
+
+
+def test_built_in_subject_tables():
+    from collections import Counter
+
+    from chinese_vicuna.eval import ceval, cmmlu
+
+    # CMMLU: 67 subjects; per category as CMMLU's paper counts them (a subject can be in two)
+    assert len(cmmlu.SUBJECTS) == 67 and cmmlu.subject_name("ancient_chinese") == "古汉语"
+    assert Counter(c for cats in CMMLU.categories.values() for c in cats) == {
+        "STEM": 17, "Humanities": 13, "Social Science": 22, "Other": 15, "China specific": 15}  # fmt: skip
+    assert CMMLU.categories["chinese_history"] == ("Humanities", "China specific")
+    # C-Eval: 52 subjects, one category each (clinical_medicine in Other, as in the C-Eval paper)
+    assert len(ceval.SUBJECTS) == 52 and ceval.SUBJECTS["marxism"] == ("Marxism", "马克思主义基本原理", "Social Science")
+    assert Counter(c for (c,) in CEVAL.categories.values()) == {
+        "STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}  # fmt: skip
