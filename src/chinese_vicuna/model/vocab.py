@@ -207,9 +207,10 @@ def _find_sp_file(base: Path) -> Path | None:
 def check_vocab_kept(old_tok, new_tok) -> None:
     """Every old token must keep its id in the new tokenizer (else old embeddings would be misread)."""
     new_vocab = new_tok.get_vocab()
-    moved = [(t, i, new_vocab.get(t)) for t, i in old_tok.get_vocab().items() if new_vocab.get(t) != i]
+    # sorted by id: get_vocab() comes from a hash map whose order changes from run to run
+    moved = sorted((i, t, new_vocab.get(t)) for t, i in old_tok.get_vocab().items() if new_vocab.get(t) != i)
     if moved:
-        t, i, j = moved[0]
+        i, t, j = moved[0]
         raise DataError(
             f"the new tokenizer renumbers {len(moved)} old tokens (e.g. {t!r}: {i} -> {j}); "
             "expected every old token to keep its id"
