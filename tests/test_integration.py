@@ -47,3 +47,32 @@ def test_smollm2_short_training_and_answer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [json.loads(x) for x in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert len(answers) == 5 and all(a["output"] for a in answers)
+
+
+def test_medical_continuation_answers_medical_questions_better(tmp_path):
+    """configs/demo.yaml (general) -> configs/continue-medical.yaml (--init_adapter), then `eval compare
+    --reference` on held-out medical questions: the continued adapter's answers are closer to the doctors'."""
+    records = (SAMPLES / "medical.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(records[:-10]) + "\n", encoding="utf-8")
+    (tmp_path / "heldout.jsonl").write_text("\n".join(records[-10:]) + "\n", encoding="utf-8")
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], capture_output=True,
+                              text=True, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    general, medical = tmp_path / "general", tmp_path / "medical"
+    cli("train", ROOT / "configs" / "demo.yaml", "--output_dir", general, "--report_to", "none", "--max_steps", "12",
+        "--val_size", "0", "--save_steps", "100")
+    cli("train", ROOT / "configs" / "continue-medical.yaml", "--init_adapter", general, "--output_dir", medical,
+        "--data_path", tmp_path / "train.jsonl", "--val_size", "0", "--report_to", "none", "--save_steps", "100")
+    cli("eval", "compare", "--adapter", f"general={general}", "--adapter", f"medical={medical}", "--input",
+        tmp_path / "heldout.jsonl", "--reference", tmp_path / "heldout.jsonl", "--max-new-tokens", "96",
+        "--output", tmp_path / "scores.json")
+    scores = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))["scores"]
+    print("held-out medical answers vs the doctors':", scores)
+    # measured on an AVX512-BF16 CPU: char F1 0.143 -> 0.198, ROUGE-L 0.072 -> 0.096 (base 0.080 / 0.044)
+    assert scores["medical"]["char_f1"] > scores["general"]["char_f1"] + 0.02, scores
+    assert scores["medical"]["rouge_l"] > scores["general"]["rouge_l"] + 0.01, scores
+    assert scores["general"]["char_f1"] > scores["base"]["char_f1"], scores
