@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLES, make_llama_sp_tokenizer, make_tiny_llama, write_jsonl  # noqa: F401
+from helpers import PROJ, SAMPLES, make_llama_sp_tokenizer, make_tiny_llama, random_lora, write_jsonl  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +44,12 @@ def alpaca_file(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A non-zero LoRA adapter (all seven projections) for the tiny model, with chinese_vicuna.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from chinese_vicuna.model.adapters import write_meta
 
     d = tmp_path_factory.mktemp("tiny-adapter")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    model = random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), PROJ, seed=1, b_std=0.5)
     model.save_pretrained(d)
     write_meta(d, template="alpaca", system_prompt=None, base_model=str(tiny_model_dir))
     return d

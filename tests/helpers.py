@@ -34,6 +34,27 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).float()
 
 
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora(model, targets: list[str], *, seed: int, r: int = 4, b_std: float = 0.3,
+                modules_to_save: list[str] | None = None, **kw):  # fmt: skip
+    """A peft LoRA (alpha 2r) drawn from ``seed``: non-zero lora_B and perturbed modules_to_save copies."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # lora_A is drawn by get_peft_model
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=modules_to_save,
+                     task_type="CAUSAL_LM", **kw)  # fmt: skip
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

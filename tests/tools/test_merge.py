@@ -9,32 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_llama
+from helpers import PROJ, make_tiny_llama, random_lora
 from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.tools.merge import merge_adapters, parse_size, read_adapter, weight_files
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 17, 305, 4021, 9, 77, 31000, 12, 5, 6]])
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int, modules_to_save=None, **kw) -> Path:
     """A peft LoRA adapter with random (non-zero) lora_B and, if asked, a changed modules_to_save copy."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kw)
-    torch.manual_seed(seed)  # lora_A is drawn by get_peft_model
-    model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = random_lora(AutoModelForCausalLM.from_pretrained(base_dir), PROJ, seed=seed, r=r,
+                        modules_to_save=modules_to_save, **kw)  # fmt: skip
     model.save_pretrained(out)
     return out
 

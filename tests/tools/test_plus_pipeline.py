@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLES, make_tiny_llama
+from helpers import PROJ, SAMPLES, make_tiny_llama, random_lora
 from helpers import run_cli as cli
 
 from chinese_vicuna.model.load import load_tokenizer
@@ -20,7 +20,6 @@ from chinese_vicuna.model.vocab import extend_tokenizer, read_texts, train_sente
 from chinese_vicuna.tools.merge import merge_adapters
 
 LLAMA_VOCAB = 32000
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ENGLISH = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "The quick brown fox jumps over the lazy dog near the river bank, and 12345 numbers follow.",
@@ -59,18 +58,7 @@ def llama_tokenizer(out: Path) -> Path:
 
 def lora(model, seed: int, modules_to_save: list[str]):
     """A peft LoRA on every projection with non-zero B and perturbed full copies of ``modules_to_save``."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=PROJ, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_lora(model, PROJ, seed=seed, modules_to_save=modules_to_save)
 
 
 def save_2023_style(model, tokenizer, out: Path) -> Path:

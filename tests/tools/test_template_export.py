@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import LLAMA2_TEMPLATE, make_llama_sp_tokenizer, make_tiny_llama
+from helpers import LLAMA2_TEMPLATE, make_llama_sp_tokenizer, make_tiny_llama, random_lora
 
 from chinese_vicuna.data.formats import Conversation, Message
 from chinese_vicuna.data.templates import get_template
@@ -44,17 +43,9 @@ def base(request, tmp_path_factory, tokenizer):
 
 def make_adapter(folder: Path, base_dir: Path, template: str, system_prompt: str | None) -> Path:
     """A non-zero LoRA with the metadata and tokenizer training writes."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
+    random_lora(AutoModelForCausalLM.from_pretrained(base_dir), ["q_proj", "v_proj"], seed=3).save_pretrained(folder)
     tok = load_tokenizer(str(base_dir))
     save_tokenizer(tok, get_template(template, tok, system_prompt), folder)
     write_meta(folder, template=template, system_prompt=system_prompt, base_model=str(base_dir))
