@@ -152,18 +152,24 @@ def _text(where: str, record: dict, key: str) -> str:
 
 
 def _collect(
-    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, desc: str
-) -> tuple[list[dict], list[str]]:
-    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors returned."""
-    records, skipped = [], []
-    for where, r in tqdm(items, desc=desc, unit=" records", leave=False):
+    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, path: str,
+    skipped: list[str] | None,
+) -> list[dict]:
+    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors appended
+    to ``skipped``. A source that yields no record at all is an error."""
+    records, bad = [], []
+    for where, r in tqdm(items, desc=Path(path).name, unit=" records", leave=False):
         try:
             records.append(convert(where, r))
         except DataError as e:
             if on_bad_record != "skip":
                 raise
-            skipped.append(str(e))
-    return records, skipped
+            bad.append(str(e))
+    if skipped is not None:
+        skipped.extend(bad)
+    if not records:
+        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
+    return records
 
 
 def _lawyer_record(where: str, r: Any) -> dict:
@@ -202,12 +208,7 @@ def lawyer_records(path: str, on_bad_record: str = "error", skipped: list[str] |
         on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
         skipped: When given, the error message of every skipped record is appended to it.
     """
-    records, bad = _collect(iter_records(path), _lawyer_record, on_bad_record, Path(path).name)
-    if skipped is not None:
-        skipped.extend(bad)
-    if not records:
-        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
-    return records
+    return _collect(iter_records(path), _lawyer_record, on_bad_record, path, skipped)
 
 
 def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
@@ -339,12 +340,7 @@ def cail_records(path: str, on_bad_record: str = "error", skipped: list[str] | N
         on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
         skipped: When given, the error message of every skipped record is appended to it.
     """
-    records, bad = _collect(_cail_items(path), _cail_record, on_bad_record, Path(path).name)
-    if skipped is not None:
-        skipped.extend(bad)
-    if not records:
-        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
-    return records
+    return _collect(_cail_items(path), _cail_record, on_bad_record, path, skipped)
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
