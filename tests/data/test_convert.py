@@ -8,14 +8,12 @@ from helpers import SAMPLES
 from helpers import run_cli as cli
 
 from chinese_vicuna.config import load_config
+from chinese_vicuna.data.cail import CAIL_PROMPT, cail_records, charge_name
 from chinese_vicuna.data.convert import (
-    CAIL_PROMPT,
     LEGAL_PROMPT,
     MEDICAL_PROMPT,
     PATIENT_PREFIX,
     as_chat,
-    cail_records,
-    charge_name,
     cmedqa_paper_records,
     cmedqa_records,
     lawyer_records,

@@ -7,8 +7,8 @@
   numbered reply ``1.{a1}\\n2.{a2}\\n``.
 - ``lawyer``: Lawyer-LLaMA style JSON or JSONL records with ``question``/``answer``,
   ``input``/``output`` or ``instruction``/``output`` keys.
-- ``cail``: raw CAIL2018 criminal cases (``fact`` + ``meta``: accusation, relevant_articles,
-  term_of_imprisonment, punish_of_money) -> the fact as input and a one-line verdict as output.
+- ``cail``: raw CAIL2018 criminal cases -> the fact as input and a one-line verdict as output
+  (``data/cail.py``).
 
 Every output record is ``{"instruction": PROMPT, "input": ..., "output": ...}``, the format of
 ``data/samples/medical.jsonl`` and ``legal.jsonl``, and what ``configs/continue-*.yaml`` train on;
@@ -27,11 +27,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .datasets import DataError, _json_array, _read_text, iter_records
+from .datasets import DataError, iter_records
 
 MEDICAL_PROMPT = "扮演一个专业的医生并回答病人的问题。"
 LEGAL_PROMPT = "扮演一个专业的律师并回答当事人的问题。"
-CAIL_PROMPT = "根据下面的案件事实，给出罪名、相关法条和刑期。"
 PATIENT_PREFIX = "病人："
 
 
@@ -143,7 +142,7 @@ def cmedqa_paper_records(
     return records, stats
 
 
-def _text(where: str, record: dict, key: str) -> str:
+def text_field(where: str, record: dict, key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
         got = "an empty string" if isinstance(value, str) else type(value).__name__
@@ -151,7 +150,7 @@ def _text(where: str, record: dict, key: str) -> str:
     return value.strip()
 
 
-def _collect(
+def collect_records(
     items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, path: str,
     skipped: list[str] | None,
 ) -> list[dict]:
@@ -176,9 +175,9 @@ def _lawyer_record(where: str, r: Any) -> dict:
     if not isinstance(r, dict):
         raise DataError(f"{where}: record: expected a JSON object, got {type(r).__name__}")
     if "question" in r or "answer" in r:
-        question, answer = _text(where, r, "question"), _text(where, r, "answer")
+        question, answer = text_field(where, r, "question"), text_field(where, r, "answer")
     elif "output" in r:
-        answer = _text(where, r, "output")
+        answer = text_field(where, r, "output")
         parts = []
         for key in ("instruction", "input"):
             value = r.get(key)
@@ -208,139 +207,7 @@ def lawyer_records(path: str, on_bad_record: str = "error", skipped: list[str] |
         on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
         skipped: When given, the error message of every skipped record is appended to it.
     """
-    return _collect(iter_records(path), _lawyer_record, on_bad_record, path, skipped)
-
-
-def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
-    """Records of a CAIL file or folder: CAIL ships JSON Lines under a ``.json`` name, so read by line.
-
-    JSON Lines are streamed (CAIL2018's largest file is over a million cases); a JSON array is read whole.
-    """
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
-        if not files:
-            raise DataError(f"{p}: no .json/.jsonl files in this folder")
-        for f in files:
-            yield from _cail_items(str(f))
-        return
-    if not p.is_file():
-        raise DataError(f"{p}: file not found")
-    with open(p, "rb") as f:
-        head = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
-    if head.startswith("["):
-        yield from _json_array(p, _read_text(p))
-        return
-    seen = False
-    with open(p, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid UTF-8 (byte {e.start} of the line); expected UTF-8 text") from None
-            if not line.strip():
-                continue
-            seen = True
-            try:
-                yield f"{p}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                # a bad line is a bad record: `--on-bad-record skip` can leave it out
-                yield f"{p}:{n}", DataError(f"{p}:{n}: record: expected a JSON object (invalid JSON: {e.msg})")
-    if not seen:
-        raise DataError(f"{p}:1: empty file; expected records")
-
-
-def _got(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str | int | float | bool) else type(value).__name__
-
-
-def _bool(where: str, obj: dict, key: str, field: str) -> bool:
-    value = obj.get(key, False)
-    if not isinstance(value, bool):
-        raise DataError(f"{where}: {field}: expected true or false, got {_got(value)}")
-    return value
-
-
-def _count(where: str, obj: dict, key: str, field: str, what: str, required: bool = True) -> int:
-    value = obj.get(key, None if required else 0)
-    # bool is an int subclass in Python, but `true` months is a data error
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise DataError(f"{where}: {field}: expected {what} (an integer >= 0), got {_got(value)}")
-    return value
-
-
-def _names(where: str, meta: dict, key: str) -> list:
-    value = meta.get(key)
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: meta.{key}: expected a non-empty list, got {_got(value)}")
-    return value
-
-
-def charge_name(accusation: str) -> str:
-    """CAIL's accusation label as a charge: ``盗窃`` -> ``盗窃罪``, ``[生产、销售]假药`` -> ``生产、销售假药罪``."""
-    name = accusation.strip().replace("[", "").replace("]", "")
-    return name if name.endswith("罪") else name + "罪"
-
-
-def cail_verdict(meta: dict, where: str = "meta") -> str:
-    """The output sentence for one CAIL ``meta`` object.
-
-    ``罪名：{charges}。相关法条：第{n}条[、第{m}条]。刑期：{term}。[罚金：{yuan}元。]`` where the term
-    is ``死刑``, ``无期徒刑``, ``{months}个月`` or ``无`` (0 months), and the fine appears only when
-    ``punish_of_money`` is above zero.
-    """
-    if not isinstance(meta, dict):
-        raise DataError(f"{where}: meta: expected a JSON object, got {_got(meta)}")
-    charges = []
-    for i, a in enumerate(_names(where, meta, "accusation")):
-        if not isinstance(a, str) or not a.strip():
-            raise DataError(f"{where}: meta.accusation[{i}]: expected a non-empty string, got {_got(a)}")
-        charges.append(charge_name(a))
-    articles = []
-    for i, n in enumerate(_names(where, meta, "relevant_articles")):
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise DataError(
-                f"{where}: meta.relevant_articles[{i}]: expected an article number (an integer > 0), got {_got(n)}"
-            )
-        articles.append(f"第{n}条")
-    term = meta.get("term_of_imprisonment")
-    f = "meta.term_of_imprisonment"
-    if not isinstance(term, dict):
-        raise DataError(f"{where}: {f}: expected a JSON object, got {_got(term)}")
-    months = _count(where, term, "imprisonment", f"{f}.imprisonment", "a whole number of months")
-    if _bool(where, term, "death_penalty", f"{f}.death_penalty"):
-        sentence = "死刑"
-    elif _bool(where, term, "life_imprisonment", f"{f}.life_imprisonment"):
-        sentence = "无期徒刑"
-    else:
-        sentence = f"{months}个月" if months else "无"
-    fine = _count(where, meta, "punish_of_money", "meta.punish_of_money", "a fine in yuan", required=False)
-    out = f"罪名：{'、'.join(charges)}。相关法条：{'、'.join(articles)}。刑期：{sentence}。"
-    return out + (f"罚金：{fine}元。" if fine else "")
-
-
-def _cail_record(where: str, r: Any) -> dict:
-    if isinstance(r, DataError):
-        raise r
-    if not isinstance(r, dict):
-        raise DataError(f"{where}: record: expected a JSON object, got {_got(r)}")
-    fact = _text(where, r, "fact")
-    if "meta" not in r:
-        raise DataError(f"{where}: meta: expected a JSON object, got nothing (the key is missing)")
-    return {"instruction": CAIL_PROMPT, "input": fact, "output": cail_verdict(r["meta"], where)}
-
-
-def cail_records(path: str, on_bad_record: str = "error", skipped: list[str] | None = None) -> list[dict]:
-    """Legal instruction records from raw CAIL2018 cases (a file or a folder of them).
-
-    Each record becomes ``{"instruction": CAIL_PROMPT, "input": fact, "output": cail_verdict(meta)}``.
-
-    Args:
-        path: A CAIL file (JSON Lines, whatever its suffix, or a JSON array) or a folder of them.
-        on_bad_record: ``error`` stops at the first bad record; ``skip`` leaves bad records out.
-        skipped: When given, the error message of every skipped record is appended to it.
-    """
-    return _collect(_cail_items(path), _cail_record, on_bad_record, path, skipped)
+    return collect_records(iter_records(path), _lawyer_record, on_bad_record, path, skipped)
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
@@ -396,6 +263,8 @@ def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
+    from .cail import cail_records  # (data/cail.py builds on this module's record helpers)
+
     skipped: list[str] = []
     records = cail_records(args.input, args.on_bad_record, skipped)
     write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
@@ -423,6 +292,8 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers, groups) -> None:
     """Add ``data convert cmedqa``, ``data convert lawyer`` and ``data convert cail``."""
+    from .cail import CAIL_PROMPT
+
     p = groups["data"].add_parser(
         "convert", help="domain corpora (cMedQA2, Lawyer-LLaMA, CAIL2018) -> instruction JSONL"
     )
