@@ -46,6 +46,8 @@ class PromptTemplate:
     name: str = ""
     stop_strings: tuple[str, ...] = ()
     default_system: str = ""
+    models_own: bool = False
+    """The model's own chat template: it writes BOS itself, and its tokenizer is kept as trained."""
 
     def __init__(self, system_prompt: str | None = None):
         self.system_prompt = system_prompt
@@ -78,14 +80,14 @@ class PromptTemplate:
     def _system(self, conv: Conversation) -> str:
         return conv.system if conv.system is not None else (self.system_prompt or self.default_system)
 
-    def _system_jinja(self) -> str:
-        """Jinja that writes the header (the system message's text or the default) + ``\\n\\n``."""
-        default = self.system_prompt or self.default_system
+    def _system_jinja(self, header: str | None = None) -> str:
+        """Jinja that writes the system message's text + ``\\n\\n``, else ``header`` (a Jinja expression
+        over ``loop_messages``; default: the system prompt or default system text + ``\\n\\n``)."""
+        header = header or jinja_literal((self.system_prompt or self.default_system) + "\n\n")
         return (
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{{- messages[0]['content'] + '\\n\\n' -}}{%- set loop_messages = messages[1:] -%}"
-            "{%- else -%}"
-            f"{{{{- {jinja_literal(default + chr(10) * 2)} -}}}}{{%- set loop_messages = messages -%}}"
+            f"{{%- else -%}}{{%- set loop_messages = messages -%}}{{{{- {header} -}}}}"
             "{%- endif -%}\n"
         )
 
@@ -145,18 +147,9 @@ class AlpacaTemplate(PromptTemplate):
         return segs
 
     def _jinja(self) -> str:
-        if self.system_prompt:
-            header = self._system_jinja()
-        else:
-            first = "loop_messages and loop_messages[0]['input'] is defined and loop_messages[0]['input']"
-            header = (
-                "{%- if messages and messages[0]['role'] == 'system' -%}"
-                "{{- messages[0]['content'] + '\\n\\n' -}}{%- set loop_messages = messages[1:] -%}"
-                "{%- else -%}{%- set loop_messages = messages -%}"
-                f"{{{{- {jinja_literal(self.header_input)} if {first} else {jinja_literal(self.header_plain)} -}}}}"
-                "{%- endif -%}\n"
-            )
-        return header + (
+        first = "loop_messages and loop_messages[0]['input'] is defined and loop_messages[0]['input']"
+        by_input = f"{jinja_literal(self.header_input)} if {first} else {jinja_literal(self.header_plain)}"
+        return self._system_jinja(None if self.system_prompt else by_input) + (
             "{%- for message in loop_messages -%}"
             "{%- if message['role'] == 'user' -%}"
             "{{- ('\\n\\n' if not loop.first else '') + '### Instruction:\\n' + message['content'] -}}"
@@ -223,6 +216,7 @@ class ChatTemplate(PromptTemplate):
     """
 
     name = "auto"
+    models_own = True
 
     def __init__(self, tokenizer, system_prompt: str | None = None):
         super().__init__(system_prompt)

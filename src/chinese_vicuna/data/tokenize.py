@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from .formats import Conversation
-from .templates import ChatTemplate, PromptTemplate, Segment, TemplateError
+from .templates import PromptTemplate, Segment, TemplateError
 
 IGNORE = -100
 MaskMode = Literal["assistant", "last", "none"]
@@ -38,7 +38,7 @@ class Sample:
 
 @dataclass
 class _Encoded:
-    """One tokenized render: ids, and for each token the index of the segment it starts in."""
+    """One tokenized render: ids, their character offsets, and the segments with their start offsets."""
 
     ids: list[int]
     offsets: list[tuple[int, int]]
@@ -94,7 +94,7 @@ def save_tokenizer(tokenizer, template: PromptTemplate, folder: str | os.PathLik
         tokenizer.save_pretrained(str(folder))
     finally:
         tokenizer.chat_template = own
-    if template.name == "auto" or not adds_bos(tokenizer) or not _metaspace(tokenizer):
+    if template.models_own or not adds_bos(tokenizer) or not _metaspace(tokenizer):
         return
     folder = Path(folder)
     for name, edit in (("tokenizer_config.json", _legacy_config), ("tokenizer.json", _prefix_always)):
@@ -150,7 +150,7 @@ class Renderer:
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         # BOS as the model expects it: our templates get the tokenizer's; a model's own chat template
         # writes {{ bos_token }} itself where it wants one (chat engines then add none).
-        prefix = 1 if self.bos and not isinstance(self.template, ChatTemplate) and ids[:1] != self.bos else 0
+        prefix = 1 if self.bos and not self.template.models_own and ids[:1] != self.bos else 0
         if prefix:
             ids, offsets = self.bos + ids, [(0, 0), *offsets]
         starts, pos = [], 0
