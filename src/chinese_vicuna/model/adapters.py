@@ -333,6 +333,11 @@ def default_base(adapter: str, meta: dict) -> str | None:
     raise ModelLoadError(f"{adapter}: trained on {recorded}, which is not available here: pass the base with --model")
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """An adapter folder that saved the tokenizer it was trained with (it is used instead of the base's)."""
+    return (Path(folder) / "tokenizer_config.json").exists()
+
+
 def load_for_inference(base_model: str | None, adapter_specs: list[str], **load_kwargs):
     """Base model + tokenizer + adapters; the base defaults to the one recorded with the first adapter.
 
@@ -346,7 +351,7 @@ def load_for_inference(base_model: str | None, adapter_specs: list[str], **load_
     base = base_model or (default_base(adapters[0][1], meta) if adapters else None)
     load_kwargs.setdefault("device_map", "auto")  # several GPUs share the layers; CPU without one
     model, tok = load_model_and_tokenizer(base, **load_kwargs)
-    if adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists():
+    if adapters and has_tokenizer(adapters[0][1]):
         from .load import load_tokenizer
 
         tok = load_tokenizer(adapters[0][1])

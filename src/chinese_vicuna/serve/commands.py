@@ -69,7 +69,7 @@ def vllm_command(args: argparse.Namespace, extra: list[str] = ()) -> list[str]:
     The base model is served under its folder name, as our server does; adapters keep their names.
     The API key is not put on the command line (``ps`` shows it to every user): ``vllm_env`` passes it.
     """
-    from ..model.adapters import parse_adapter_specs
+    from ..model.adapters import has_tokenizer, parse_adapter_specs
 
     cmd = [sys.executable, "-m", VLLM_MODULE, "--model", str(args.model),
            "--served-model-name", Path(str(args.model)).name or str(args.model)]
@@ -77,19 +77,21 @@ def vllm_command(args: argparse.Namespace, extra: list[str] = ()) -> list[str]:
     if adapters:
         cmd += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
         cmd += [f"{name}={folder}" for name, folder in adapters]
-    template = vllm_chat_template(args)
+    # the tokenizer the first adapter was trained (and saved) with, else the model's
+    tokenizer = adapters[0][1] if adapters and has_tokenizer(adapters[0][1]) else None
+    template = vllm_chat_template(args, adapters[0][1] if adapters else None, tokenizer or str(args.model))
     if template is not None:
         cmd += ["--chat-template", str(template)]
-    if adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists():
-        cmd += ["--tokenizer", adapters[0][1]]  # the tokenizer the adapter was trained (and saved) with
+    if tokenizer:
+        cmd += ["--tokenizer", tokenizer]
     cmd += ["--host", args.host, "--port", str(args.port)]
     if args.max_concurrency:
         cmd += ["--max-num-seqs", str(args.max_concurrency)]
     return cmd + list(extra)
 
 
-def vllm_chat_template(args: argparse.Namespace) -> Path | None:
-    """The template the first adapter was trained with (or ``--template``), as a Jinja file for vLLM.
+def vllm_chat_template(args: argparse.Namespace, adapter: str | None, tokenizer: str) -> Path | None:
+    """The template ``adapter`` was trained with (or ``--template``), as a Jinja file for vLLM.
 
     vLLM renders chat requests with the base model's own template unless given ``--chat-template``;
     a merged model needs nothing, since ``merge`` already made the trained template its own. The
@@ -100,17 +102,14 @@ def vllm_chat_template(args: argparse.Namespace) -> Path | None:
 
     from ..data.templates import get_template
     from ..data.tokenize import chat_template
-    from ..model.adapters import parse_adapter_specs, read_meta
+    from ..model.adapters import read_meta
     from ..model.load import load_tokenizer
 
-    adapters = parse_adapter_specs(args.adapter or [])
-    meta = read_meta(adapters[0][1]) if adapters else {}
+    meta = read_meta(adapter) if adapter else {}
     name = args.template or meta.get("template")
     if not name:
         return None
-    # The tokenizer vLLM will use (the adapter's, else the model's) decides BOS and, for auto, the template.
-    has_tok = adapters and (Path(adapters[0][1]) / "tokenizer_config.json").exists()
-    tok = load_tokenizer(adapters[0][1] if has_tok else str(args.model))
+    tok = load_tokenizer(tokenizer)  # the one vLLM will use: it decides BOS and, for auto, the template
     text = chat_template(get_template(name, tok, args.system_prompt or meta.get("system_prompt")), tok)
     path = Path(tempfile.gettempdir()) / f"chinese-vicuna-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
