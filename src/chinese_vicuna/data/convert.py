@@ -254,22 +254,23 @@ def as_chat(record: dict) -> dict:
     return {"input": [user], "output": [record["output"]]}
 
 
-def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
+def _convert_legal(args: argparse.Namespace, read: Callable[..., list[dict]]) -> int:
+    """``lawyer`` / ``cail``: read (skipping bad records if asked), write alpaca or chat records, report."""
     skipped: list[str] = []
-    records = lawyer_records(args.input, args.on_bad_record, skipped)
+    records = read(args.input, args.on_bad_record, skipped)
     write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
     _report(records, skipped, args.out)
     return 0
+
+
+def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
+    return _convert_legal(args, lawyer_records)
 
 
 def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
     from .cail import cail_records  # (data/cail.py builds on this module's record helpers)
 
-    skipped: list[str] = []
-    records = cail_records(args.input, args.on_bad_record, skipped)
-    write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
-    _report(records, skipped, args.out)
-    return 0
+    return _convert_legal(args, cail_records)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
