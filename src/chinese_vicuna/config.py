@@ -51,11 +51,24 @@ class LoraArgs:
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] | None = None
-    """Module names to adapt. Default: per architecture (q_proj, v_proj for LLaMA); ``all-linear``."""
+    """Module names to adapt. Default: per architecture (q_proj, v_proj for LLaMA); ``all-linear`` = every
+    linear layer but the output head (peft's choice)."""
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
     init_adapter: str | None = None
     """Start from this adapter's weights (continue-finetune, fresh optimizer)."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output row on top of the LoRA direction (peft ``use_dora``)."""
+    use_rslora: bool = False
+    """rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r (peft ``use_rslora``)."""
+    lora_init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """LoRA initialisation (peft ``init_lora_weights``): ``default`` (B = 0), ``gaussian``, ``pissa`` / ``olora``
+    (start from the base's principal components / QR; the saved adapter is converted to a plain LoRA of rank
+    2r for the original base), ``loftq`` (adapter fitted to the 4-bit quantization error; needs a CUDA GPU)."""
+    pissa_niter: int = 0
+    """PiSSA by randomized SVD with this many subspace iterations (peft ``pissa_niter_N``); 0 = exact SVD."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+: LoRA's B matrices train at learning_rate * ratio (16 in the paper); 0 = off."""
 
 
 @dataclass
@@ -311,6 +324,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"val_size: expected >= 0, got {d.val_size}")
     if lo.finetuning == "full" and cfg.model.quantization != "none":
         raise ConfigError("finetuning: full cannot train quantized weights; use quantization: none")
+    if lo.lora_init in ("pissa", "olora", "loftq") and cfg.model.quantization != "none":
+        raise ConfigError(f"lora_init: {lo.lora_init} initialises from the full-precision base weights; "
+                          "use quantization: none")
     if t.new_data and not t.resume:
         raise ConfigError("new_data needs resume: it continues a run's optimizer on new data")
 

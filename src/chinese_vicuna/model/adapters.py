@@ -67,13 +67,29 @@ def attach_lora(
     targets: list[str] | None = None,
     modules_to_save: list[str] | None = None,
     init_adapter: str | None = None,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    lora_init: str = "default",
+    pissa_niter: int = 0,
 ):
-    """Wrap ``model`` with a trainable LoRA adapter (fresh, or initialised from ``init_adapter``)."""
+    """Wrap ``model`` with a trainable LoRA adapter (fresh, or initialised from ``init_adapter``).
+
+    ``use_dora``, ``use_rslora``, ``lora_init`` and ``pissa_niter`` pick peft's LoRA variants
+    (see :mod:`chinese_vicuna.model.variants`); PiSSA and OLoRA rewrite the base weights in place.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from ..config import ConfigError
+    from .variants import variant_kwargs
+
+    variant = variant_kwargs(use_dora=use_dora, use_rslora=use_rslora, lora_init=lora_init, pissa_niter=pissa_niter)
     if init_adapter:
+        if lora_init != "default" or use_dora or use_rslora:
+            raise ConfigError("init_adapter: continues an adapter with its own settings; drop use_dora, use_rslora "
+                              "and lora_init (they only apply to a new adapter)")
         return load_adapter(model, resolve_adapter(init_adapter), trainable=True)
     config = LoraConfig(
+        **variant,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,

@@ -26,6 +26,7 @@ from ..data.tokenize import IGNORE, Renderer, Sample, save_tokenizer
 from ..model.adapters import META_FILE, attach_lora, trainable_summary
 from ..model.load import load_model_and_tokenizer, resolve_base_model, training_precision
 from ..model.quantize import prepare_for_kbit_training
+from ..model.variants import keep_initial_adapter, make_optimizer
 from .callbacks import TrainLogger
 from .checkpoint import (
     Progress,
@@ -112,7 +113,13 @@ class SFTTrainer:
                 targets=cfg.lora.lora_target_modules,
                 modules_to_save=cfg.lora.modules_to_save,
                 init_adapter=cfg.lora.init_adapter,
+                use_dora=cfg.lora.use_dora,
+                use_rslora=cfg.lora.use_rslora,
+                lora_init=cfg.lora.lora_init,
+                pissa_niter=cfg.lora.pissa_niter,
             )
+            # PiSSA/OLoRA: the adapter as initialised, so that save() writes the trained one as plain LoRA
+            self.initial_adapter = keep_initial_adapter(model, acc.is_main_process)
         else:
             model.requires_grad_(True)
         upcast_trainable(model)
@@ -154,7 +161,8 @@ class SFTTrainer:
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
 
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(model, params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio)
         self.wrapper = CausalLMLoss(model, t.loss_chunk_size)
         self.wrapper, self.optimizer = acc.prepare(self.wrapper, self.optimizer)
         self._trainable = params
@@ -358,7 +366,10 @@ class SFTTrainer:
             tmp = out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model.save_pretrained(str(tmp))
+            if getattr(self, "initial_adapter", None):  # PiSSA/OLoRA: the equivalent plain LoRA (rank 2r)
+                model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=self.initial_adapter.path)
+            else:
+                model.save_pretrained(str(tmp))
             # The trained template as the folder's own chat template: vLLM and transformers users
             # render the prompt the adapter learned.
             save_tokenizer(self.tokenizer, self.template, tmp)
