@@ -32,7 +32,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = load_config(args.config, extra)
     trainer = run_training(cfg)
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and getattr(trainer, "stopped_at", None):
+        print(f"stopped at step {trainer.stopped_at}; checkpoint in {cfg.train.output_dir} "
+              "(continue with --resume auto)")
+    elif trainer.accelerator.is_main_process:
         print(f"adapter written to {cfg.train.output_dir}")
     return 0
 

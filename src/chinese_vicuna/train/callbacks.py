@@ -1,10 +1,18 @@
-"""Training telemetry: progress bar, tokens/s, peak memory, CSV, TensorBoard/wandb, loss plot."""
+"""Training telemetry: progress bar, tokens/s, peak memory, CSV, trackers, loss plot, run status, stop requests.
+
+Besides ``metrics.csv`` the logger keeps ``status.json`` in the output folder (state, pid, step, total
+steps, start time, tracker links), rewritten atomically as the run goes; the board (and anyone with
+``cat``) reads a run's progress from these two files, whether it was started from the board or the CLI.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +31,9 @@ class TrainLogger:
     """Everything the loop reports goes through here (main process only)."""
 
     FIELDS = ["step", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s", "peak_mem_mb"]
+    TRACKERS = ("tensorboard", "wandb", "swanlab", "mlflow")
+    STATUS_EVERY_S = 0.5
+    """status.json is rewritten at most this often while steps advance (and always at log/close)."""
 
     def __init__(
         self,
@@ -40,7 +51,12 @@ class TrainLogger:
         self.bar = None
         self.tb = None
         self.wandb = None
+        self.swanlab = None
+        self.mlflow = None  # (client, run_id)
         self.t0 = time.perf_counter()
+        self.step = start_step
+        self.status: dict = {}
+        self._status_t = 0.0
         self.window_tokens = self.window_trained = 0
         self.window_t = self.t0
         self.history: list[dict] = []
@@ -68,13 +84,76 @@ class TrainLogger:
                 self.tb = SummaryWriter(str(self.dir / "runs"))
             except ImportError:
                 print("tensorboard is not installed; logging to CSV only")
+        unknown = [r for r in report_to if r not in (*self.TRACKERS, "none")]
+        if unknown:
+            print(f"report_to: unknown tracker(s) {', '.join(unknown)} (known: {', '.join(self.TRACKERS)}, none)")
+        trackers: dict[str, str] = {}
+        if self.tb:
+            trackers["tensorboard"] = f"tensorboard --logdir {self.dir / 'runs'}"
         if "wandb" in report_to:
             import wandb
 
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "chinese-vicuna"), config=config)
+            trackers["wandb"] = getattr(self.wandb, "url", None) or "wandb"
+        if "swanlab" in report_to:
+            trackers["swanlab"] = self._start_swanlab(config)
+        if "mlflow" in report_to:
+            trackers["mlflow"] = self._start_mlflow(config)
+        self.status = {"state": "running", "pid": os.getpid(), "step": start_step, "start_step": start_step,
+                       "total_steps": total_steps, "started_at": time.time(), "trackers": trackers}
+        self.write_status()
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True, disable=not show_bar
         )
+
+    def _start_swanlab(self, config: dict | None) -> str:
+        """SwanLab run; offline (a log folder ``swanlog`` that ``swanlab sync`` uploads later) unless
+        ``SWANLAB_MODE`` says otherwise or ``SWANLAB_API_KEY`` is set (then cloud)."""
+        try:
+            import swanlab
+        except ImportError:
+            raise ImportError("report_to swanlab needs SwanLab: pip install 'chinese-vicuna[swanlab]'") from None
+        mode = os.environ.get("SWANLAB_MODE") or ("cloud" if os.environ.get("SWANLAB_API_KEY") else "offline")
+        logdir = self.dir / "swanlog"
+        self.swanlab = swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "chinese-vicuna"),
+                                    experiment_name=self.dir.name, config=config or {}, mode=mode, logdir=str(logdir))
+        if mode == "cloud":
+            url = getattr(getattr(getattr(self.swanlab, "public", None), "cloud", None), "experiment_url", None)
+            return str(url) if url else "swanlab (cloud)"
+        return f"swanlab sync {logdir} (offline log)"
+
+    def _start_mlflow(self, config: dict | None) -> str:
+        """An MLflow run: ``MLFLOW_TRACKING_URI`` if set, else a file store ``mlruns`` in the output folder."""
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ImportError("report_to mlflow needs MLflow: pip install 'chinese-vicuna[mlflow]'") from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps the file store in "maintenance mode" behind this switch; it needs no
+            # database server, which is what a local run wants.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "chinese-vicuna")
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        run = client.create_run(exp_id, run_name=self.dir.name)
+        params = [Param(k, str(v)[:6000]) for k, v in (config or {}).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self.mlflow = (client, run.info.run_id)
+        return f"mlflow ui --backend-store-uri {uri} (run {run.info.run_id})"
+
+    def write_status(self, **changes) -> None:
+        """Update ``status.json`` atomically (main process only)."""
+        if not self.enabled:
+            return
+        self.status.update(changes, updated_at=time.time())
+        tmp = self.dir / f".status.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.status, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, self.dir / "status.json")
+        self._status_t = time.monotonic()
 
     def tokens(self, real: int, trained: int) -> None:
         self.window_tokens += real
@@ -100,8 +179,18 @@ class TrainLogger:
             if k not in ("step", "epoch") and isinstance(v, (int, float)):
                 if self.tb:
                     self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", v, step)
+        scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.wandb:
             self.wandb.log(row, step=step)
+        if self.swanlab:
+            self.swanlab.log(scalars, step=step)
+        if self.mlflow:
+            from mlflow.entities import Metric
+
+            client, run_id = self.mlflow
+            ms = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, ms, step) for k, v in scalars.items()])
+        self.write_status(step=step)
         if self.bar is not None:
             shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_s") if k in row}
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()})
@@ -110,18 +199,88 @@ class TrainLogger:
         return row
 
     def advance(self, n: int = 1) -> None:
+        self.step += n
         if self.bar is not None:
             self.bar.update(n)
+        if self.enabled and time.monotonic() - self._status_t >= self.STATUS_EVERY_S:
+            self.write_status(step=self.step)
 
-    def close(self) -> None:
+    def close(self, state: str = "finished") -> None:
+        """End the trackers; ``state`` (``finished`` or ``stopped``) goes into status.json."""
         if self.bar is not None:
             self.bar.close()
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+        if self.swanlab:
+            self.swanlab.finish()
+        if self.mlflow:
+            client, run_id = self.mlflow
+            client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
         if self.enabled:
             plot_loss(self.history, self.dir / "loss.png")
+            self.write_status(state=state, step=self.step)
+
+
+STOP_FILE = "STOP"
+"""A file of this name in output_dir asks a running trainer to stop (like SIGTERM), for platforms or
+launchers that cannot send signals."""
+
+
+class StopRequest:
+    """SIGTERM, SIGINT (Ctrl-C) or a ``STOP`` file ask the training loop to stop after the current step.
+
+    The loop then writes a resumable checkpoint and returns; a second signal interrupts at once (the
+    previous handler runs). Under several processes the request is shared (``max`` over processes), so
+    every rank stops at the same step. Handlers are installed only from the main thread (Python's rule).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, output_dir: str | os.PathLike, accelerator=None):
+        self.file = Path(output_dir) / STOP_FILE
+        self.accelerator = accelerator
+        self.signalled = False
+        self._previous: dict[int, object] = {}
+        self.file.unlink(missing_ok=True)  # a leftover request from an earlier stop
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signalled:  # asked twice: do what would have happened without us
+            previous = self._previous.get(signum)
+            self.close()
+            if callable(previous):
+                previous(signum, frame)
+            elif signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            else:
+                raise SystemExit(128 + signum)
+            return
+        self.signalled = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    def requested(self) -> bool:
+        """True when any process was asked to stop (collective: call it on every process)."""
+        local = self.signalled or self.file.exists()
+        acc = self.accelerator
+        if acc is None or acc.num_processes == 1:
+            return local
+        import torch
+
+        return bool(acc.reduce(torch.tensor(float(local), device=acc.device), "max") > 0)
+
+    def close(self) -> bool:
+        """Restore the previous handlers; returns whether a stop was requested."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        stopped = self.signalled or self.file.exists()
+        self.file.unlink(missing_ok=True)
+        return stopped
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

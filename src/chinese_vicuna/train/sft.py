@@ -27,7 +27,7 @@ from ..model.adapters import META_FILE, attach_lora, trainable_summary
 from ..model.load import load_model_and_tokenizer, resolve_base_model, training_precision
 from ..model.quantize import prepare_for_kbit_training
 from ..model.variants import keep_initial_adapter, make_optimizer
-from .callbacks import TrainLogger
+from .callbacks import StopRequest, TrainLogger
 from .checkpoint import (
     Progress,
     checkpoint_step,
@@ -253,6 +253,9 @@ class SFTTrainer:
         loss_acc = torch.zeros((), device=acc.device)
         tok_acc = torch.zeros((), device=acc.device)
         metrics: dict = {}
+        # SIGTERM / Ctrl-C / a STOP file: finish the step, write a checkpoint, return (resume continues it)
+        stop = StopRequest(t.output_dir, acc)
+        self.stopped_at: int | None = None
         for step in range(start, self.total_steps):
             batches = self.step_batches(step)
             n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
@@ -311,8 +314,15 @@ class SFTTrainer:
                 cb(self, done, metrics)
             self.timing["save_s"] += time.perf_counter() - tick
             tick = time.perf_counter()
-        log.close()
-        self.save()
+            if done < self.total_steps and stop.requested():
+                if done % t.save_steps:
+                    self.save_checkpoint()
+                self.stopped_at = done
+                break
+        stop.close()
+        log.close("stopped" if self.stopped_at else "finished")
+        if self.stopped_at is None:
+            self.save()
         return self.history[-1] if self.history else {}
 
     @torch.no_grad()
