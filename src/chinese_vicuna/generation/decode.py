@@ -43,6 +43,23 @@ class GenArgs:
     early_stopping: bool = False
     """Beam search: stop once ``num_beams`` hypotheses have ended (else: once none can be beaten)."""
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling (OpenAI's ``logit_bias``)."""
+    logprobs: int | None = None
+    """Record each chosen token's log-probability and this many top alternatives (None: off)."""
+    constraint: object | None = None
+    """A ``constrain.Constraint`` the reply must match (grammar-masked decoding)."""
+
+
+PREFILL_CHUNK = 512
+"""Prompts are fed in chunks of this many tokens, so a cancelled request stops within one chunk."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -54,6 +71,8 @@ class Step:
     done: bool = False
     finish_reason: str | None = None
     """``stop`` (EOS) or ``length`` (max_new_tokens) once done."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per committed token when ``GenArgs.logprobs`` is set."""
 
 
 def instruction_conversation(instruction: str, context: str = "", system: str | None = None) -> Conversation:
@@ -95,20 +114,53 @@ def penalty_processors(gen: GenArgs, prompt_len: int, eos: list[int]):
 
 
 def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     procs = penalty_processors(gen, prompt_len, eos)
-    if gen.do_sample:  # same order as transformers: penalties, then warpers
-        # as transformers: beam sampling keeps one token more than there are EOS ids, so that a
-        # continuation that does not end always exists
-        keep = (len(eos) + 1 if eos else 2) if gen.num_beams > 1 else 1
-        if gen.temperature and gen.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(gen.temperature))
-        if gen.top_k:
-            procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
-        if gen.top_p < 1.0:
-            procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
+    procs.extend(_temperature(gen))  # same order as transformers: penalties, then warpers
+    procs.extend(_truncation(gen, eos))
     return procs
+
+
+def _temperature(gen: GenArgs) -> list:
+    from transformers import TemperatureLogitsWarper
+
+    return [TemperatureLogitsWarper(gen.temperature)] if gen.do_sample and gen.temperature and gen.temperature != 1.0 else []
+
+
+def _truncation(gen: GenArgs, eos: list[int]) -> list:
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    if not gen.do_sample:
+        return []
+    # as transformers: beam sampling keeps one token more than there are EOS ids, so that a
+    # continuation that does not end always exists
+    keep = (len(eos) + 1 if eos else 2) if gen.num_beams > 1 else 1
+    procs = []
+    if gen.top_k:
+        procs.append(TopKLogitsWarper(gen.top_k, min_tokens_to_keep=keep))
+    if gen.top_p < 1.0:
+        procs.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
+    return procs
+
+
+def _bias(gen: GenArgs, vocab: int, device) -> torch.Tensor | None:
+    if not gen.logit_bias:
+        return None
+    bias = torch.zeros(vocab, device=device)
+    for tok, value in gen.logit_bias.items():
+        if 0 <= tok < vocab:
+            bias[tok] = value
+    return bias
+
+
+def _prefill(model, ids, mask, pos, cache, cancel) -> torch.Tensor | None:
+    """The prompt's last logits, fed in chunks; None if ``cancel`` fired between chunks."""
+    width = ids.shape[1]
+    for start in range(0, width, PREFILL_CHUNK):
+        end = min(start + PREFILL_CHUNK, width)
+        logits = _forward(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache)
+        if end < width and cancel is not None and cancel():
+            return None
+    return logits
 
 
 @functools.cache
@@ -147,7 +199,8 @@ def _generator(gen: GenArgs, device) -> torch.Generator | None:
 
 @torch.no_grad()
 def iter_steps_batch(
-    model, prompts: list[list[int]], gen: GenArgs, eos: list[int], pad: int, cancel: Callable[[], bool] | None = None
+    model, prompts: list[list[int]], gen: GenArgs, eos: list[int], pad: int, cancel: Callable[[], bool] | None = None,
+    tokenizer=None,
 ) -> Iterator[list[Step]]:
     """Greedy or sampled decoding of a left-padded batch; yields every row's state after each token."""
     from transformers import DynamicCache
@@ -155,15 +208,35 @@ def iter_steps_batch(
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    procs = _processors(gen, ids.shape[1], eos)
+    penalties, temperature = penalty_processors(gen, ids.shape[1], eos), _temperature(gen)
+    truncation = _truncation(gen, eos)
     rng = _generator(gen, device)
     cache = DynamicCache(config=model.config)
-    logits = _forward(model, ids, mask, pos, cache)
+    logits = _prefill(model, ids, mask, pos, cache, cancel)
+    if logits is None:
+        return
+    bias = _bias(gen, logits.shape[-1], device)
+    matchers = _matchers(tokenizer, gen, eos, logits.shape[-1], len(prompts))
     seqs = ids
     new: list[list[int]] = [[] for _ in prompts]
-    steps = [Step(new[r], new[r]) for r in range(len(prompts))]
+    lps: list[list[TokenLogprob] | None] = [[] if gen.logprobs is not None else None for _ in prompts]
+    steps = [Step(new[r], new[r], logprobs=lps[r]) for r in range(len(prompts))]
     for t in range(gen.max_new_tokens):
-        scores = procs(seqs, logits)
+        # penalties, logit_bias, temperature, grammar mask: the distribution logprobs report;
+        # then top-k / top-p truncation: the distribution sampled from
+        scores = penalties(seqs, logits) if penalties else logits
+        if bias is not None:
+            scores = scores + bias
+        for w in temperature:
+            scores = w(seqs, scores)
+        if matchers:
+            scores = scores.clone()
+            for r, m in enumerate(matchers):
+                if not steps[r].done:
+                    m.mask(scores[r])
+        logprobs = torch.log_softmax(scores, -1) if gen.logprobs is not None else None
+        for w in truncation:
+            scores = w(seqs, scores)
         if gen.do_sample:
             nxt = torch.multinomial(torch.softmax(scores, -1), 1, generator=rng).squeeze(1)
         else:
@@ -174,6 +247,10 @@ def iter_steps_batch(
                 nxt[r] = pad
                 continue
             new[r].append(tok)
+            if matchers:
+                matchers[r].advance(tok)
+            if logprobs is not None:
+                lps[r].append(_token_logprob(logprobs[r], tok, gen.logprobs))
             if tok in eos:
                 st.done, st.finish_reason = True, "stop"
             elif t + 1 == gen.max_new_tokens:
@@ -185,6 +262,25 @@ def iter_steps_batch(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
         logits = _forward(model, nxt[:, None], mask, pos, cache)
+
+
+def _token_logprob(row: torch.Tensor, tok: int, k: int) -> TokenLogprob:
+    top = torch.topk(row, k) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprob(tok, float(row[tok]), pairs)
+
+
+def _matchers(tok, gen: GenArgs, eos: list[int], vocab: int, rows: int) -> list:
+    """One grammar matcher per row when the reply is constrained."""
+    if gen.constraint is None:
+        return []
+    from .constrain import Matcher, compile_grammar, ll_tokenizer
+
+    if tok is None:
+        raise ValueError("constrained decoding needs the tokenizer (pass tokenizer=)")
+    llt = ll_tokenizer(tok, vocab, eos)
+    grammar = compile_grammar(gen.constraint, llt)
+    return [Matcher(grammar, llt, eos) for _ in range(rows)]
 
 
 def _common_prefix(seqs: list[list[int]]) -> list[int]:
@@ -205,6 +301,9 @@ def iter_steps_beam(
 ) -> Iterator[Step]:
     """Beam search (or beam sampling) for one prompt, as transformers does it, streaming as it goes."""
     from transformers import DynamicCache
+
+    if gen.constraint is not None or gen.logprobs is not None or gen.logit_bias:
+        raise ValueError("beam search does not support constraints, logprobs or logit_bias")
 
     device = next(model.parameters()).device
     k, plen = gen.num_beams, len(prompt)
@@ -271,12 +370,14 @@ def iter_steps_beam(
         logits = _forward(model, running[:, -1:], mask, pos, cache)
 
 
-def iter_steps(model, prompt: list[int], gen: GenArgs, eos: list[int], pad: int, cancel=None) -> Iterator[Step]:
-    """The token iterator for one prompt, whatever the strategy."""
+def iter_steps(
+    model, prompt: list[int], gen: GenArgs, eos: list[int], pad: int, cancel=None, tokenizer=None
+) -> Iterator[Step]:
+    """The token iterator for one prompt, whatever the strategy (``tokenizer``: for constraints)."""
     if gen.num_beams > 1:
         yield from iter_steps_beam(model, prompt, gen, eos, pad, cancel)
     else:
-        for steps in iter_steps_batch(model, [prompt], gen, eos, pad, cancel):
+        for steps in iter_steps_batch(model, [prompt], gen, eos, pad, cancel, tokenizer=tokenizer):
             yield steps[0]
 
 
@@ -301,6 +402,8 @@ class TextStream:
         self.finish_reason: str | None = None
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.logprobs: list[TokenLogprob] = []
+        """Per generated token when ``gen.logprobs`` is set (filled as tokens are committed)."""
 
     def __iter__(self) -> Iterator[str]:
         tok = self.tokenizer
@@ -309,9 +412,11 @@ class TextStream:
         if self.steps is not None:
             steps = self.steps()
         else:
-            steps = iter_steps(self.model, self.prompt_ids, self.gen, eos_ids(self.model, tok), pad, self.cancel)
+            steps = iter_steps(self.model, self.prompt_ids, self.gen, eos_ids(self.model, tok), pad, self.cancel, tok)
         st = None
         for st in steps:
+            if st.logprobs is not None:
+                self.logprobs = st.logprobs
             delta = stop.push(dec.push(st.committed[len(dec.ids) :]))
             self.completion_tokens = len(st.best) if not st.done else len(st.committed)
             if self.gen.num_beams > 1 and not st.done:
@@ -329,6 +434,9 @@ class TextStream:
                 steps.close()
                 break
         else:
+            if st is None and self.cancel is not None and self.cancel():  # cancelled during prefill
+                self.finish_reason = "cancelled"
+                return
             self.finish_reason = (st.finish_reason if st is not None else None) or "length"
             tail = stop.push(dec.flush())
             tail += stop.flush()

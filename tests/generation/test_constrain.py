@@ -1,0 +1,108 @@
+"""Constrained decoding (llguidance), logprobs, logit_bias and chunked prefill in the token iterator."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import jsonschema
+import pytest
+import torch
+
+from chinese_vicuna.generation import decode
+from chinese_vicuna.generation.constrain import Constraint, ConstraintError, Tool, parse_tool_calls
+from chinese_vicuna.generation.decode import GenArgs, TextStream, iter_steps
+
+PROMPT = [17, 250, 4093, 198, 15076, 229, 20887]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "城市": {"type": "string", "maxLength": 6},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "sunny": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["晴", "雨", "风"]}, "maxItems": 3},
+    },
+    "required": ["城市", "days", "sunny", "tags"],
+    "additionalProperties": False,
+}
+
+
+def _text(model, tokenizer, gen: GenArgs) -> TextStream:
+    s = TextStream(model, tokenizer, PROMPT, gen)
+    s.run()
+    return s
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_json_schema_reply_always_validates(tiny_model, tokenizer, sample):
+    for seed in range(3 if sample else 1):
+        gen = GenArgs(max_new_tokens=120, do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                      repetition_penalty=1.0, constraint=Constraint("json", SCHEMA))
+        s = _text(tiny_model, tokenizer, gen)
+        assert s.finish_reason == "stop", s.text  # the grammar ended it, not max_new_tokens
+        jsonschema.validate(json.loads(s.text), SCHEMA)
+    # unconstrained, the random model writes no JSON at all
+    free = _text(tiny_model, tokenizer, GenArgs(max_new_tokens=30, repetition_penalty=1.0)).text
+    with pytest.raises(ValueError):
+        json.loads(free)
+
+
+def test_json_object_and_bad_schema(tiny_model, tokenizer):
+    s = _text(tiny_model, tokenizer, GenArgs(max_new_tokens=200, repetition_penalty=1.0, constraint=Constraint("json")))
+    if s.finish_reason == "stop":
+        assert isinstance(json.loads(s.text), dict)
+    else:  # cut by the token limit: still a prefix of an object
+        assert s.text.startswith("{")
+    bad = Constraint("json", {"type": "object", "properties": {"d": {"type": "string", "format": "no-such-format"}}})
+    with pytest.raises(ConstraintError, match="no-such-format"):
+        _text(tiny_model, tokenizer, GenArgs(max_new_tokens=5, constraint=bad))
+
+
+def test_required_tool_call_validates(tiny_model, tokenizer):
+    params = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 9}}, "required": ["unit", "n"], "additionalProperties": False}
+    c = Constraint("tools", tools=(Tool("weather", params), Tool("time", {"type": "object", "properties": {}})),
+                   required=True, parallel=False)
+    s = _text(tiny_model, tokenizer, GenArgs(max_new_tokens=80, repetition_penalty=1.0, constraint=c))
+    head, calls = parse_tool_calls(s.text)
+    assert head == "" and len(calls) == 1 and calls[0]["name"] in ("weather", "time")
+    if calls[0]["name"] == "weather":
+        jsonschema.validate(calls[0]["arguments"], params)
+
+
+def test_logprobs_match_a_forward_pass(tiny_model, tokenizer):
+    gen = GenArgs(max_new_tokens=6, repetition_penalty=1.0, logprobs=3)
+    st = deque(iter_steps(tiny_model, PROMPT, gen, [2], 0), maxlen=1)[0]
+    assert len(st.logprobs) == len(st.committed) == 6
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([PROMPT + st.committed])).logits[0].float()
+    ref = torch.log_softmax(logits[len(PROMPT) - 1 : -1], -1)
+    for i, entry in enumerate(st.logprobs):
+        assert entry.token == st.committed[i]
+        assert entry.logprob == pytest.approx(float(ref[i, entry.token]), abs=1e-4)
+        assert [t for t, _ in entry.top] == ref[i].topk(3).indices.tolist()
+        assert entry.top[0][0] == entry.token  # greedy: the chosen token is the most likely
+
+
+def test_logit_bias_steers(tiny_model, tokenizer):
+    base = deque(iter_steps(tiny_model, PROMPT, GenArgs(max_new_tokens=3, repetition_penalty=1.0), [2], 0), maxlen=1)[0]
+    forced = deque(iter_steps(tiny_model, PROMPT, GenArgs(max_new_tokens=3, repetition_penalty=1.0,
+                                                          logit_bias={4093: 100.0}), [2], 0), maxlen=1)[0]
+    assert forced.committed == [4093] * 3 and base.committed != forced.committed
+    banned = deque(iter_steps(tiny_model, PROMPT, GenArgs(max_new_tokens=3, repetition_penalty=1.0,
+                                                          logit_bias={base.committed[0]: -100.0}), [2], 0), maxlen=1)[0]
+    assert banned.committed[0] != base.committed[0]
+
+
+def test_chunked_prefill_equals_whole_and_cancels(tiny_model, tokenizer, monkeypatch):
+    prompt = PROMPT * 5
+    whole = deque(iter_steps(tiny_model, prompt, GenArgs(max_new_tokens=8, repetition_penalty=1.0), [2], 0), maxlen=1)[0]
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 4)
+    chunked = deque(iter_steps(tiny_model, prompt, GenArgs(max_new_tokens=8, repetition_penalty=1.0), [2], 0), maxlen=1)[0]
+    assert chunked.committed == whole.committed
+    forwards = []
+    real = decode._forward
+    monkeypatch.setattr(decode, "_forward", lambda *a: forwards.append(1) or real(*a))
+    s = TextStream(tiny_model, tokenizer, prompt, GenArgs(max_new_tokens=8), cancel=lambda: True)
+    assert s.run() == "" and s.finish_reason == "cancelled"
+    assert len(forwards) == 1  # a client that left stops the prefill after one chunk of 9
