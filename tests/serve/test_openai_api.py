@@ -122,11 +122,15 @@ def test_bad_requests_then_good(api_server):
         ({"model": "a"}, 400, "messages", "Missing required parameter"),
         ({**good, "messages": "hi"}, 400, "messages", "valid list"),
         ({**good, "messages": []}, 400, "messages", ""),
-        ({**good, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", ""),
+        ({**good, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", ""),
+        ({**good, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id", "needs"),
+        ({**good, "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "x", "tool_call_id": "c1"}]},
+         400, "messages[1].tool_call_id", "answers no earlier"),
         ({**good, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", ""),
         ({**good, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages", "first"),
-        ({**good, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
-         400, "messages", "last message"),
+        ({**good, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+         400, "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
         ({**good, "model": "nope"}, 404, "model", "does not exist"),
         ({**good, "temperature": 3}, 400, "temperature", ""),
         ({**good, "temperature": "hot"}, 400, "temperature", ""),
@@ -137,21 +141,23 @@ def test_bad_requests_then_good(api_server):
         ({**good, "presence_penalty": 0.5}, 400, "presence_penalty", "repetition_penalty"),
         ({**good, "frequency_penalty": 1}, 400, "frequency_penalty", "repetition_penalty"),
         ({**good, "min_tokens": 9}, 400, "min_tokens", ""),
-        ({**good, "logprobs": True}, 400, "logprobs", ""),
-        ({**good, "tools": [{"type": "function"}]}, 400, "tools", ""),
+        ({**good, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs", ""),
+        ({**good, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
+        ({**good, "tools": [{"type": "function"}]}, 400, "tools[0].function", "Missing"),
         ({**good, "max_tokens": 600}, 400, "messages", "maximum context length is 512 tokens"),
         ({**good, "messages": [{"role": "user", "content": long_text}], "max_tokens": None},
          400, "messages", "resulted in"),
     ]
     for body, status, param, text in cases:
-        r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+        r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body), timeout=30,
+                       headers={"Content-Type": "application/json"})
         assert r.status_code == status, (body, r.text)
         err = _error(r)
         assert err["param"] == param and text in err["message"], (body, err)
     too_long = httpx.post(url, json={**good, "messages": [{"role": "user", "content": long_text}]}).json()["error"]
     n_prompt = int(too_long["message"].split("(")[1].split(" ")[0])  # "... (N in the messages, 4 in ...)"
     assert n_prompt > 512 and too_long["code"] == "context_length_exceeded"
-    r = httpx.post(url, content=b"{" + b" " * (2 << 20) + b"}", timeout=30)
+    r = httpx.post(url, content=b"{" + b" " * (2 << 20) + b"}", timeout=30, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
     assert httpx.post(api_server.url + "/v1/completions", json={"model": "a", "prompt": []}).status_code == 400
     assert _error(httpx.get(api_server.url + "/v1/nothing-here"))["type"] == "invalid_request_error"
@@ -383,8 +389,15 @@ def test_plan_and_messages():
     msgs = [ChatMessage(role=r, content=c) for r, c in
             [("developer", "S"), ("user", "a"), ("user", [{"type": "text", "text": "b"}]), ("assistant", "x"),
              ("user", "c")]]
-    conv = to_conversation(msgs)
+    conv, prefill = to_conversation(msgs)
+    assert prefill == ""
     assert [(m.role, m.content) for m in conv.messages] == [
         ("system", "S"), ("user", "a\n\nb"), ("assistant", "x"), ("user", "c")]
+    # a later system message goes to the model with the next user turn; a last assistant message is a prefill
+    late = msgs[:2] + [ChatMessage(role="system", content="late"), ChatMessage(role="user", content="d"),
+                       ChatMessage(role="assistant", content="The answer is")]
+    conv, prefill = to_conversation(late)
+    assert [(m.role, m.content) for m in conv.messages] == [("system", "S"), ("user", "a\n\nlate\n\nd")]
+    assert prefill == "The answer is"
     with pytest.raises(APIError):
-        to_conversation(msgs[:2] + [ChatMessage(role="system", content="late")])
+        to_conversation([ChatMessage(role="assistant", content="x")])

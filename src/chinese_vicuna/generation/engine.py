@@ -71,9 +71,61 @@ class Engine:
     def renderer(self, template: PromptTemplate | None = None) -> Renderer:
         return Renderer(self.tokenizer, template or self.template, cutoff_len=self.context_length)
 
-    def prompt_ids(self, conv: Conversation, template: PromptTemplate | None = None) -> list[int]:
-        """Token ids of the prompt for a conversation ending with the user's message."""
-        return self.renderer(template).prompt_ids(conv)
+    def prompt_ids(self, conv: Conversation, template: PromptTemplate | None = None, prefill: str = "") -> list[int]:
+        """Token ids of the prompt for a conversation ending with the user's message.
+
+        ``prefill``: the start of the assistant's reply, which generation continues. The rendered
+        prompt and the prefill are tokenized as one string, as the model would have seen them.
+        """
+        renderer = self.renderer(template)
+        ids = renderer.prompt_ids(conv)
+        if not prefill:
+            return ids
+        text = "".join(s.text for s in renderer.template.segments(conv, True, self.tokenizer.eos_token))
+        body = renderer.encode(text)
+        return ids[: len(ids) - len(body)] + renderer.encode(text + prefill)
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (can exceed the tokenizer's length: padded embeddings)."""
+        return int(getattr(self.model.config, "vocab_size", None) or len(self.tokenizer))
+
+    def eos_ids(self) -> list[int]:
+        from .decode import eos_ids
+
+        return eos_ids(self.model, self.tokenizer)
+
+    def check_constraint(self, constraint) -> None:
+        """Compile ``constraint`` for this tokenizer; raises ``ConstraintError`` naming what fails."""
+        from .constrain import compile_grammar, ll_tokenizer
+
+        compile_grammar(constraint, ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids()))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The exact bytes a token stands for (a Chinese character may span several tokens)."""
+        from .constrain import ll_tokenizer
+
+        return ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids()).decode_bytes([token])
+
+    def embed(self, texts: list[str | list[int]], adapter: str | None = None) -> tuple[list[list[float]], int]:
+        """L2-normalised mean of the last hidden states over each text's tokens; returns (vectors, tokens).
+
+        A text longer than the context is embedded from its first ``context_length`` tokens.
+        """
+        import torch
+
+        out, total = [], 0
+        with self.lock, torch.no_grad():
+            self.select(adapter)
+            for text in texts:
+                ids = text if isinstance(text, list) else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = ids[: self.context_length] or [self.tokenizer.eos_token_id]
+                total += len(ids)
+                device = next(self.model.parameters()).device
+                hidden = self.model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True,
+                                    logits_to_keep=1).hidden_states[-1][0].float()
+                out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+        return out, total
 
     def select(self, adapter: str | None) -> None:
         """Activate an adapter by name; ``None`` or the base name runs the bare base model."""
@@ -138,14 +190,15 @@ class LlamaCppEngine(Engine):
 
     @classmethod
     def load_gguf(
-        cls, path: str, *, template: str | None = None, system_prompt: str | None = None, n_ctx: int = 4096
+        cls, path: str, *, template: str | None = None, system_prompt: str | None = None, n_ctx: int = 4096,
+        n_gpu_layers: int = 0,
     ) -> LlamaCppEngine:
         from pathlib import Path
 
         from ..model.load import load_tokenizer
         from ..tools.gguf import LlamaCppBackend, read_gguf_meta
 
-        backend = LlamaCppBackend(path, n_ctx=n_ctx)
+        backend = LlamaCppBackend(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         tok = load_tokenizer(path)
         tmpl = resolve_template(tok, read_gguf_meta(path), template, system_prompt)
         return cls(backend, tok, tmpl, [], Path(path).stem)
@@ -158,21 +211,74 @@ class LlamaCppEngine(Engine):
         if adapter not in (None, self.name, "base"):
             raise KeyError(adapter)
 
-    def _steps(self, ids: list[int], gen: GenArgs):
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.llm.n_vocab())
+
+    def eos_ids(self) -> list[int]:
+        return self.model.eog_ids()
+
+    def check_constraint(self, constraint) -> None:
+        from .constrain import llama_grammar
+
+        llama_grammar(constraint)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.llm.detokenize([token])
+
+    def embed(self, texts: list[str], adapter: str | None = None):
         from ..config import ConfigError
-        from .decode import Step
+
+        raise ConfigError("embeddings need --backend hf: llama.cpp loads this GGUF for generation only "
+                          "(an embedding context is a second model load)")
+
+    def _steps(self, ids: list[int], gen: GenArgs):
+        from dataclasses import replace
+
+        import numpy as np
+
+        from ..config import ConfigError
+        from .constrain import llama_grammar
+        from .decode import Step, TokenLogprob
 
         if gen.num_beams > 1:
             raise ConfigError("beam search is not available with the llama.cpp backend; use --backend hf")
         backend = self.model
+        if gen.seed is not None:
+            gen = replace(gen, seed=gen.seed % 2**32)  # llama.cpp seeds are 32-bit
+        grammar = llama_grammar(gen.constraint) if gen.constraint is not None else None
+        last: list[np.ndarray] = []
+        bias = None
+        if gen.logit_bias:
+            bias = np.zeros(self.vocab_size, dtype=np.float32)
+            for tok, value in gen.logit_bias.items():
+                bias[tok] = value
+
+        def hook(scores: np.ndarray) -> np.ndarray:
+            # logit_bias, then what logprobs report: log-softmax after penalties, bias and temperature
+            # (llama.cpp applies the grammar after this point, so these logprobs are before its mask)
+            if bias is not None:
+                scores = scores + bias
+            if gen.logprobs is not None:
+                z = scores / (gen.temperature if gen.do_sample else 1.0)
+                z = z - z.max()
+                last[:] = [z - np.log(np.exp(z).sum())]
+            return scores
+
+        use_hook = bias is not None or gen.logprobs is not None
 
         def steps():
             toks: list[int] = []
-            for tok in backend.iter_ids(ids, gen):
+            lps: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
+            for tok in backend.iter_ids(ids, gen, grammar=grammar, hook=hook if use_hook else None):
                 toks.append(tok)
+                if lps is not None and last:
+                    row = last[0]
+                    top = np.argsort(-row)[: gen.logprobs] if gen.logprobs else []
+                    lps.append(TokenLogprob(tok, float(row[tok]), [(int(t), float(row[t])) for t in top]))
                 end = backend.is_eog(tok)
                 done = end or len(toks) >= gen.max_new_tokens
-                yield Step(toks, toks, done, ("stop" if end else "length") if done else None)
+                yield Step(toks, toks, done, ("stop" if end else "length") if done else None, lps)
 
         return steps
 
@@ -185,6 +291,8 @@ def load_engine(
     template: str | None = None,
     system_prompt: str | None = None,
     quantization: str = "none",
+    n_ctx: int | None = None,
+    n_gpu_layers: int = 0,
 ) -> Engine:
     """The engine for ``--backend hf|llama.cpp``: the one place where backends are chosen.
 
@@ -203,7 +311,10 @@ def load_engine(
             )
         if adapters:
             raise ConfigError("--backend llama.cpp runs one GGUF file: merge adapters in with `export-gguf --adapter`")
-        return LlamaCppEngine.load_gguf(model, template=template, system_prompt=system_prompt)
+        return LlamaCppEngine.load_gguf(model, template=template, system_prompt=system_prompt,
+                                        n_ctx=n_ctx or 4096, n_gpu_layers=n_gpu_layers)
     if backend != "hf":
         raise ConfigError(f"--backend: expected hf or llama.cpp, got {backend!r}")
+    if n_ctx is not None or n_gpu_layers:
+        raise ConfigError("--n-ctx and --n-gpu-layers are llama.cpp settings: add --backend llama.cpp")
     return Engine.load(model, adapters, template=template, system_prompt=system_prompt, quantization=quantization)

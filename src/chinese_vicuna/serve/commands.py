@@ -26,7 +26,8 @@ def register(subparsers, groups) -> None:
     p = subparsers.add_parser(
         "serve",
         help="OpenAI-compatible API server: base model + adapters, each a `model` name",
-        description="OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, /health). "
+        description="OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/responses, /health). "
         "With --engine vllm, unknown flags are passed on to vLLM's server.",
     )
     p.add_argument("--model", default=None,
@@ -48,6 +49,12 @@ def register(subparsers, groups) -> None:
     p.add_argument("--template", default=None, help="override the prompt template saved with the adapter")
     p.add_argument("--system-prompt", default=None, help="default system prompt")
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--cors-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins allowed to call the API, comma-separated, or '*' (default: none)")
+    p.add_argument("--n-ctx", type=_positive, default=None,
+                   help="llama.cpp backend: context length in tokens (default 4096)")
+    p.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="llama.cpp backend: layers offloaded to the GPU (-1: all; default 0, CPU only)")
     p.set_defaults(func=cmd_serve, allow_extra=True)
 
 
@@ -60,7 +67,8 @@ def load_backend(args: argparse.Namespace):
     from ..generation.engine import load_engine
 
     return load_engine(args.backend, args.model, args.adapter, template=args.template,
-                       system_prompt=args.system_prompt, quantization=args.quantization)
+                       system_prompt=args.system_prompt, quantization=args.quantization,
+                       n_ctx=getattr(args, "n_ctx", None), n_gpu_layers=getattr(args, "n_gpu_layers", 0))
 
 
 def vllm_command(args: argparse.Namespace, extra: list[str] = ()) -> list[str]:
@@ -173,12 +181,28 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from .openai_api import create_app
 
     engine = load_backend(args)
-    app = create_app(engine, api_key=api_key, max_concurrency=args.max_concurrency or 1, max_queue=args.max_queue)
+    origins = [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()]
+    app = create_app(engine, api_key=api_key, max_concurrency=args.max_concurrency or 1, max_queue=args.max_queue,
+                     cors_origins=origins)
     if not _is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     names = ", ".join([engine.name, *engine.adapters])
     print(f"serving {names} (template {engine.template.name}) at http://{args.host}:{args.port}/v1", flush=True)
-    # A few seconds for open streams to end on Ctrl-C; the lifespan hook then cancels what is left.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    # SIGTERM / Ctrl-C: generations stop at once (open streams get a final error event), then
+    # uvicorn gives connections a few seconds to close and exits.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=3)
+    _draining_server(config, app.state.server).run()
     return 0
+
+
+def _draining_server(config, api_server):
+    """uvicorn's server, draining our jobs as soon as a shutdown signal arrives."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            api_server.drain()
+            super().handle_exit(sig, frame)
+
+    return Server(config)

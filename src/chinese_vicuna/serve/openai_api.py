@@ -1,6 +1,11 @@
-"""OpenAI-compatible HTTP API over an ``Engine``: /v1/models, /v1/chat/completions, /v1/completions.
+"""OpenAI-compatible HTTP API over an ``Engine``: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/responses.
 
-A request is validated and tokenized on the event loop, then admitted: at most ``max_concurrency``
+A request body must be ``application/json`` (415 otherwise: a browser can send ``text/plain``
+cross-site without a preflight) and is validated with bounded work before anything is rendered
+(body size, JSON depth, message count, prompt characters). Rendering, tokenization and grammar
+compilation run in a worker thread, so ``/health`` and other clients stay responsive. Then it is
+admitted: at most ``max_concurrency``
 requests generate and at most ``max_queue`` wait (FIFO); anything beyond gets 429 at once rather
 than hanging. An admitted request runs ``engine.stream`` in a worker thread (the engine lock
 serialises the model) and hands text deltas to the loop through an ``asyncio.Queue``. A client
@@ -15,9 +20,11 @@ results to a single run, and every request may pick its own adapter, stops and s
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
+import struct
 import threading
 import time
 from collections import deque
@@ -32,14 +39,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.templates import PromptTemplate, TemplateError
-from ..generation.decode import GenArgs
+from ..generation.constrain import ConstraintError
+from ..generation.decode import GenArgs, TokenLogprob
+from .replies import Reply, ResponsesReply
+from .responses import EmbeddingRequest, ResponsesRequest, chat_body
 from .schemas import (
     MAX_N,
     APIError,
     ChatRequest,
     CompletionRequest,
-    Reply,
     check_unsupported,
+    constraint,
     gen_args,
     max_new_tokens,
     parse_body,
@@ -125,19 +135,37 @@ class Admission:
                 self._waiters.remove(slot)
 
 
+def _token_str(raw: bytes) -> str:
+    """A token's text as OpenAI writes it: the text, or ``bytes:\\xe5\\xa4`` for part of a character."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 class Job:
     """One request's generation: ``run`` in a worker thread; events are read with ``async for``.
 
-    Events: ``("delta", indices, text)``, ``("finish", indices, reason, tokens)``, ``("error", [], message)``.
+    Events: ``("delta", indices, text, logprobs)``, ``("finish", indices, reason, tokens)``,
+    ``("error", [], message, status)``.
     """
 
-    def __init__(self, engine, tasks: list[Task], *, adapter: str | None, stops: list[str], template):
+    def __init__(self, engine, tasks: list[Task], *, adapter: str | None, stops: list[str], template,
+                 server: Server | None = None):
         self.engine, self.tasks, self.adapter, self.stops, self.template = engine, tasks, adapter, stops, template
+        self.server = server
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self._stop = threading.Event()
         self.generated = 0
         self.interrupted = False
+
+    def _entry(self, lp: TokenLogprob) -> dict:
+        def one(tok: int, value: float) -> dict:
+            raw = self.engine.token_bytes(tok)
+            return {"token": _token_str(raw), "logprob": max(value, -9999.0), "bytes": list(raw)}
+
+        return {**one(lp.token, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
 
     def cancel(self) -> None:
         self._stop.set()
@@ -158,18 +186,25 @@ class Job:
                     task.ids, task.gen, adapter=self.adapter, stop_strings=self.stops,
                     template=self.template, cancel=self._stop.is_set,
                 )
+                sent = 0
                 try:
                     for delta in stream:
-                        self._emit(("delta", task.indices, delta))
+                        entries = [self._entry(lp) for lp in stream.logprobs[sent:]]
+                        sent += len(entries)
+                        self._emit(("delta", task.indices, delta, entries))
                 finally:
                     self.generated += stream.completion_tokens
                 if stream.finish_reason == "cancelled":
                     self.interrupted = True
+                    if self.server is not None and self.server.draining:
+                        self._emit(("error", [], "The server is shutting down; retry on another instance.", 503))
                     break
+                if rest := [self._entry(lp) for lp in stream.logprobs[sent:]]:
+                    self._emit(("delta", task.indices, "", rest))
                 self._emit(("finish", task.indices, stream.finish_reason, stream.completion_tokens))
         except Exception as e:
             log.exception("generation failed")
-            self._emit(("error", [], f"Generation failed: {type(e).__name__}: {e}"))
+            self._emit(("error", [], f"Generation failed: {type(e).__name__}: {e}", 500))
             raise
         finally:
             self._emit(None)
@@ -207,12 +242,42 @@ class Server:
         self.engine, self.api_key, self.max_body = engine, api_key, max_body_bytes
         self.admission = Admission(max_concurrency, max_queue)
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="generate")
+        # Rendering / tokenizing / grammar compilation: off the event loop, a few at a time.
+        self.prep = ThreadPoolExecutor(2, thread_name_prefix="prepare")
         self.jobs: set[Job] = set()
         self.created = int(time.time())
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self.draining = False
+        self._max_token_chars: int | None = None
 
     def health(self) -> dict:
-        return {"status": "ok", "active": self.admission.active, "waiting": self.admission.waiting, **self.counters}
+        status = "draining" if self.draining else "ok"
+        return {"status": status, "active": self.admission.active, "waiting": self.admission.waiting, **self.counters}
+
+    def drain(self) -> None:
+        """Shutting down (SIGTERM): stop every generation; open streams end with an error event."""
+        self.draining = True
+        for job in list(self.jobs):
+            job.cancel()
+
+    async def prepare(self, fn, *args) -> Any:
+        """Run ``fn`` (rendering, tokenizing, compiling) in the preparation threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
+    def check_prompt_size(self, chars: int, what: str) -> None:
+        """Refuse, before rendering, text that cannot fit the context whatever the tokenizer does.
+
+        No token of the vocabulary spells more than ``max_token_chars`` characters, so a text longer
+        than ``context * max_token_chars`` needs more tokens than the context holds.
+        """
+        if self._max_token_chars is None:
+            vocab = self.engine.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        limit = self.engine.context_length * self._max_token_chars
+        if chars > limit:
+            raise APIError(400, f"The {what} has {chars} characters: more than this model's context of "
+                           f"{self.engine.context_length} tokens can hold.", param=what,
+                           code="context_length_exceeded")
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -241,6 +306,10 @@ class Server:
                        param="model", code="model_not_found")
 
     async def read_json(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"Content-Type must be application/json (got {ctype or 'none'}).",
+                           code="unsupported_media_type")
         too_large = APIError(413, f"The request body is larger than {self.max_body} bytes.", code="request_too_large")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
@@ -254,9 +323,13 @@ class Server:
             return json.loads(bytes(body))
         except ValueError as e:
             raise APIError(400, f"We could not parse the JSON body of your request: {e}.") from None
+        except RecursionError:
+            raise APIError(400, "We could not parse the JSON body of your request: it is nested too deeply.") from None
 
-    async def launch(self, request: Request, job: Job) -> None:
-        """Wait for a slot (429 if the queue is full; leave the queue if the client goes), then run."""
+    async def admit(self, request: Request) -> asyncio.Future:
+        """Wait for a slot (429 if the queue is full; ``_ClientGone`` if the client leaves the queue)."""
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", type="server_error")
         slot = self.admission.enter()
         if not slot.done():
             gone = asyncio.ensure_future(_disconnected(request))
@@ -270,6 +343,19 @@ class Server:
             if not slot.done():
                 self.admission.leave(slot)
                 raise _ClientGone
+        return slot
+
+    async def exclusive(self, request: Request, fn, *args) -> Any:
+        """Run ``fn`` in a generation thread under admission (embeddings share the model's slots)."""
+        slot = await self.admit(request)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.admission.leave(slot)
+
+    async def launch(self, request: Request, job: Job) -> None:
+        """Wait for a slot (429 if the queue is full; leave the queue if the client goes), then run."""
+        slot = await self.admit(request)
         try:
             future = asyncio.get_running_loop().run_in_executor(self.pool, job.run)
         except BaseException:
@@ -286,9 +372,9 @@ class Server:
         self.counters["failed" if failed else "cancelled" if job.interrupted else "completed"] += 1
 
 
-async def _respond(request: Request, job: Job, reply: Reply) -> Any:
+async def _respond(request: Request, job: Job, reply: Reply | ResponsesReply, stream: bool) -> Any:
     """The SSE stream, or the whole response -- cancelling the job if the client leaves meanwhile."""
-    if reply.req.stream:
+    if stream:
         return _EventStream(reply.stream(aiter(job)), job)
     gone = asyncio.ensure_future(_disconnected(request))
     gone.add_done_callback(lambda f: f.cancelled() or job.cancel())
@@ -299,6 +385,47 @@ async def _respond(request: Request, job: Job, reply: Reply) -> Any:
         job.cancel()  # a no-op when it finished; stops it when this handler is cancelled (shutdown)
 
 
+def _chat_prompt(engine, req: ChatRequest, cons) -> tuple[list[int], str]:
+    """Prompt ids and assistant prefill of a chat request, with its grammar compiled (a worker thread)."""
+    tools = cons.tools if cons is not None and cons.kind == "tools" else ()
+    tmpl = engine.template
+    default_system = tmpl.system_prompt or getattr(tmpl, "default_system", "")
+    conv, prefill = to_conversation(req.messages, tools, default_system)
+    try:
+        ids = engine.prompt_ids(conv, prefill=prefill)
+    except TemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    _check_constraint(engine, req, cons)
+    return ids, prefill
+
+
+def _check_constraint(engine, req, cons) -> None:
+    if cons is None:
+        return
+    try:
+        engine.check_constraint(cons)
+    except ConstraintError as e:
+        if cons.kind == "tools":
+            raise APIError(400, f"tools: a function's parameters cannot be compiled: {e}", param="tools") from None
+        param = "response_format.json_schema.schema" if cons.schema is not None else "response_format"
+        raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param) from None
+
+
+def _message_chars(req: ChatRequest) -> int:
+    total = 0
+    for m in req.messages:
+        c = m.content
+        total += len(c) if isinstance(c, str) else sum(len(str(p.get("text", ""))) for p in c or [])
+        total += sum(len(t.function.arguments) for t in m.tool_calls or [])
+    return total + sum(len(json.dumps(t.model_dump())) for t in req.tools or [])
+
+
+def _encode_vector(vec: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+    return vec
+
+
 def create_app(
     engine,
     *,
@@ -306,20 +433,29 @@ def create_app(
     max_concurrency: int = 1,
     max_queue: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine`` (base model + adapters, each a ``model`` name)."""
+    """The FastAPI app serving ``engine`` (base model + adapters, each a ``model`` name).
+
+    ``cors_origins``: browser origins allowed to call the API (none by default; ``*`` for any).
+    """
     server = Server(engine, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_body_bytes=max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        for job in list(server.jobs):
-            job.cancel()
+        server.drain()
         server.pool.shutdown(wait=False, cancel_futures=True)
+        server.prep.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="chinese-vicuna", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -354,20 +490,37 @@ def create_app(
         want = server.adapter_for(model) or engine.name
         return next(c for c in server.model_cards() if c["id"] == want)
 
+    async def chat_job(request: Request, req: ChatRequest) -> tuple[Job, list[int], str, Any]:
+        adapter = server.adapter_for(req.model)
+        check_unsupported(req)
+        cons = constraint(req)
+        server.check_prompt_size(_message_chars(req), "messages")
+        ids, prefill = await server.prepare(_chat_prompt, engine, req, cons)
+        gen = gen_args(req, max_new_tokens(req, len(ids), engine.context_length, "messages"), engine.vocab_size, cons)
+        job = Job(engine, plan([ids], gen, req.choices), adapter=adapter, stops=req.stop_strings(), template=None,
+                  server=server)
+        await server.launch(request, job)
+        return job, ids, prefill, cons
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         server.authorize(request)
         req = parse_body(ChatRequest, await server.read_json(request))
-        adapter = server.adapter_for(req.model)
-        check_unsupported(req)
-        try:
-            ids = engine.prompt_ids(to_conversation(req.messages))
-        except TemplateError as e:
-            raise APIError(400, str(e), param="messages") from None
-        gen = gen_args(req, max_new_tokens(req, len(ids), engine.context_length, "messages"))
-        job = Job(engine, plan([ids], gen, req.choices), adapter=adapter, stops=req.stop_strings(), template=None)
-        await server.launch(request, job)
-        return await _respond(request, job, Reply(req, len(ids), chat=True, prefixes=[""] * req.choices))
+        job, ids, prefill, cons = await chat_job(request, req)
+        tools = cons is not None and cons.kind == "tools"
+        reply = Reply(req, len(ids), chat=True, prefixes=[""] * req.choices, tools=tools, strip=not prefill)
+        return await _respond(request, job, reply, req.stream)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        server.authorize(request)
+        rreq = parse_body(ResponsesRequest, await server.read_json(request))
+        req = parse_body(ChatRequest, chat_body(rreq))
+        job, ids, prefill, cons = await chat_job(request, req)
+        tools = cons is not None and cons.kind == "tools"
+        reply = ResponsesReply(req.model, len(ids), tools=tools, strip=not prefill, instructions=rreq.instructions,
+                               max_output_tokens=rreq.max_output_tokens)
+        return await _respond(request, job, reply, rreq.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -375,16 +528,44 @@ def create_app(
         req = parse_body(CompletionRequest, await server.read_json(request))
         adapter = server.adapter_for(req.model)
         check_unsupported(req)
-        prompts = prompt_ids(engine, req.prompt)
+        cons = constraint(req)
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        server.check_prompt_size(sum(map(len, texts)), "prompt")
+        prompts = await server.prepare(prompt_ids, engine, req.prompt)
         if len(prompts) * req.choices > 8 * MAX_N:
             raise APIError(400, f"At most {8 * MAX_N} choices (prompts x n) per request.", param="prompt")
+        await server.prepare(_check_constraint, engine, req, cons)
         # OpenAI's default max_tokens for text completions is 16.
-        gen = gen_args(req, max_new_tokens(req, max(len(ids) for _, ids in prompts), engine.context_length, "prompt", default=16))
+        limit = max_new_tokens(req, max(len(ids) for _, ids in prompts), engine.context_length, "prompt", default=16)
+        gen = gen_args(req, limit, engine.vocab_size, cons)
         job = Job(engine, plan([ids for _, ids in prompts], gen, req.choices), adapter=adapter,
-                  stops=req.stop_strings(), template=_RAW)
+                  stops=req.stop_strings(), template=_RAW, server=server)
         await server.launch(request, job)
         prefixes = [text if req.echo else "" for text, _ in prompts for _ in range(req.choices)]
-        return await _respond(request, job, Reply(req, sum(len(ids) for _, ids in prompts), chat=False,
-                                                  prefixes=prefixes))
+        reply = Reply(req, sum(len(ids) for _, ids in prompts), chat=False, prefixes=prefixes)
+        return await _respond(request, job, reply, req.stream)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        server.authorize(request)
+        req = parse_body(EmbeddingRequest, await server.read_json(request))
+        adapter = server.adapter_for(req.model)
+        inputs = req.inputs(len(engine.tokenizer))
+        server.check_prompt_size(max((len(x) for x in inputs if isinstance(x, str)), default=0), "input")
+        try:
+            vectors, tokens = await server.exclusive(request, engine.embed, inputs, adapter)
+        except Exception as e:  # the llama.cpp backend has no embeddings: say so
+            from ..config import ConfigError
+
+            if isinstance(e, ConfigError):
+                raise APIError(400, str(e), param="model") from None
+            raise
+        if req.dimensions is not None and req.dimensions != len(vectors[0]):
+            raise APIError(400, f"dimensions: this model's embeddings have {len(vectors[0])} dimensions.",
+                           param="dimensions")
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app

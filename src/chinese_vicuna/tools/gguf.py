@@ -345,7 +345,8 @@ class LlamaCppBackend:
     decoding matches HF ``generate`` token for token; temperature/top-k/top-p are llama.cpp's.
     """
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0):
         from llama_cpp import Llama
 
         if not Path(path).is_file():
@@ -353,7 +354,9 @@ class LlamaCppBackend:
         threads = n_threads or len(os.sched_getaffinity(0))
         self.path = str(path)
         self.n_ctx = n_ctx
-        self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.n_gpu_layers = n_gpu_layers  # -1: all; ignored by a CPU-only llama.cpp build
+        self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_gpu_layers=n_gpu_layers, verbose=False)
         self.finish_reason: str | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.last_ids: list[int] = []
@@ -387,24 +390,30 @@ class LlamaCppBackend:
             self._eog = [t for t in range(self.llm.n_vocab()) if self.is_eog(t)]
         return self._eog
 
-    def _processor(self, gen: GenArgs, prompt_len: int):
-        """The HF engine's own penalty processors, over prompt + reply, as a llama.cpp logits processor."""
+    def _processor(self, gen: GenArgs, prompt_len: int, hook=None):
+        """The HF engine's own penalty processors, over prompt + reply, as a llama.cpp logits processor.
+
+        ``hook(scores) -> scores`` runs after them (the server's logit_bias and logprobs).
+        """
         import numpy as np
         import torch
 
         from ..generation.decode import penalty_processors
 
         procs = penalty_processors(gen, prompt_len, self.eog_ids() if gen.min_new_tokens else [])
-        if not procs:
+        if not procs and hook is None:
             return None
 
         def apply(input_ids, scores):
             s = torch.from_numpy(np.array(scores, dtype=np.float32))[None]
-            return procs(torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None], s)[0].numpy()
+            if procs:
+                s = procs(torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None], s)
+            out = s[0].numpy()
+            return hook(out) if hook is not None else out
 
         return [apply]
 
-    def iter_ids(self, prompt_ids: list[int], gen: GenArgs) -> Iterator[int]:
+    def iter_ids(self, prompt_ids: list[int], gen: GenArgs, *, grammar=None, hook=None) -> Iterator[int]:
         """Generated token ids (the final EOG token included), ``gen.max_new_tokens`` at most."""
         if len(prompt_ids) >= self.n_ctx:
             raise ConfigError(f"prompt is {len(prompt_ids)} tokens, the context is {self.n_ctx}")
@@ -414,7 +423,7 @@ class LlamaCppBackend:
         kwargs = dict(temp=gen.temperature, top_k=gen.top_k, top_p=gen.top_p) if gen.do_sample else dict(temp=0.0)
         steps = self.llm.generate(
             prompt_ids, min_p=0.0, typical_p=1.0, repeat_penalty=1.0, reset=True,
-            logits_processor=self._processor(gen, len(prompt_ids)), **kwargs,
+            logits_processor=self._processor(gen, len(prompt_ids), hook), grammar=grammar, **kwargs,
         )
         self.finish_reason = "length"
         for n, tok in enumerate(steps, 1):
