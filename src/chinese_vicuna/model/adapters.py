@@ -87,7 +87,13 @@ def attach_lora(
         if lora_init != "default" or use_dora or use_rslora:
             raise ConfigError("init_adapter: continues an adapter with its own settings; drop use_dora, use_rslora "
                               "and lora_init (they only apply to a new adapter)")
-        return load_adapter(model, resolve_adapter(init_adapter), trainable=True)
+        from .variants import is_mutating
+
+        folder = resolve_adapter(init_adapter)
+        if is_mutating(read_adapter_config(folder).get("init_lora_weights")):
+            raise ConfigError(f"init_adapter: {folder} is a PiSSA/OLoRA checkpoint in training form; continue it with "
+                              "resume, or start from its run's final adapter (saved as plain LoRA)")
+        return load_adapter(model, folder, trainable=True)
     config = LoraConfig(
         **variant,
         r=r,
@@ -170,6 +176,10 @@ def lora_config(folder: str | os.PathLike, *, trainable: bool = False):
               f"older one): {', '.join(dropped)}", file=sys.stderr)
     kwargs = {k: v for k, v in raw.items() if k in fields}
     kwargs["inference_mode"] = not trainable
+    if str(kwargs.get("init_lora_weights")).startswith("pissa_niter"):
+        # peft would rebuild the residual base with a fresh randomized SVD, not the one trained on
+        raise ModelLoadError(f"{folder}: a PiSSA checkpoint initialised by randomized SVD (pissa_niter): its residual "
+                             "base cannot be rebuilt; use the run's final adapter (saved as plain LoRA) or resume the run")
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as e:

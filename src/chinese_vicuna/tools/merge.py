@@ -10,7 +10,13 @@ Two ways to do it:
 * in memory (default): each adapter loaded into peft's LoRA layers (``model.adapters.load_adapter``,
   which also reads the seeds' ``.bin`` adapters) + peft's ``merge_and_unload``;
 * ``low_memory``: the base's safetensors shards are streamed one tensor at a time and
-  ``W += scale * B @ A`` is applied by hand, so peak memory is one tensor plus one output shard.
+  ``W += scale * B @ A`` is applied by hand (DoRA: then each output row rescaled to its trained
+  magnitude, ``W = m / ||W|| * W``, as peft merges it), so peak memory is one tensor plus one output shard.
+
+Adapters trained with PiSSA/OLoRA are saved by the trainer as plain LoRA for the original base and
+merge like any other. A checkpoint of such a run is in training form (its base is the residual
+``W - s B0 A0``): the in-memory merge rebuilds that residual through peft (exact SVD or QR, the same
+as in training); the streaming merge refuses it.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class LoraDelta:
     b: torch.Tensor
     scale: float
     transpose: bool = False
+    magnitude: torch.Tensor | None = None
+    """DoRA: the trained norm of each output row of the merged weight."""
 
     def delta(self) -> torch.Tensor:
         d = (self.b.float() @ self.a.float()) * self.scale
@@ -144,18 +152,26 @@ def read_adapter(folder: str) -> AdapterWeights:
     from ..model.adapters import read_adapter_state
 
     cfg = adapter_config(folder)
-    unsupported = [k for k in ("use_dora", "lora_bias") if cfg.get(k)]
+    from ..model.variants import is_mutating
+
+    unsupported = [k for k in ("lora_bias",) if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
         raise ConfigError(
             f"{folder}: {cfg.get('peft_type')} {' '.join(unsupported)} adapters are not supported by --low-memory; "
             "merge without --low-memory (peft's merge_and_unload handles them)"
+        )
+    if is_mutating(cfg.get("init_lora_weights")):
+        raise ConfigError(
+            f"{folder}: a {cfg['init_lora_weights']} adapter in training form (a checkpoint: it fits the residual base "
+            "its initialisation left, not the original one); merge it without --low-memory, or merge the run's "
+            "final adapter, which is saved as plain LoRA"
         )
     state = read_adapter_state(folder)
     out = AdapterWeights(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name = key.removeprefix(PEFT_PREFIX)
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?", name)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?", name)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
         else:  # modules_to_save copy, stored under the original weight name
@@ -166,7 +182,12 @@ def read_adapter(folder: str) -> AdapterWeights:
         r = a.shape[0]
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        out.deltas[module + ".weight"] = LoraDelta(a, b, scale, transpose=embedding or cfg.get("fan_in_fan_out", False))
+        magnitude = p.get("lora_magnitude_vector")
+        if magnitude is not None and embedding:
+            raise ConfigError(f"{folder}: DoRA on an embedding layer ({module}) is not supported by --low-memory; "
+                              "merge without --low-memory")
+        out.deltas[module + ".weight"] = LoraDelta(a, b, scale, transpose=embedding or cfg.get("fan_in_fan_out", False),
+                                                   magnitude=magnitude)
     return out
 
 
@@ -223,10 +244,15 @@ def _apply(name: str, w, weights: list[AdapterWeights], used: set, dtype) -> tor
         if name in aw.deltas:
             if w is None:
                 raise ConfigError(f"{aw.folder}: {name} is not in the base model")
-            d = aw.deltas[name].delta()
+            lora = aw.deltas[name]
+            d = lora.delta()
             if d.shape != w.shape:
                 raise ConfigError(f"{aw.folder}: {name} update is {tuple(d.shape)}, base weight {tuple(w.shape)}")
             w = w.float() + d
+            if lora.magnitude is not None:  # DoRA (peft's DoraLinearLayer): rows rescaled to the trained norms
+                rows = 0 if lora.transpose else 1  # the norm runs over the input features
+                factor = lora.magnitude.float() / torch.linalg.norm(w, dim=rows)
+                w = w * (factor.view(1, -1) if lora.transpose else factor.view(-1, 1))
             used.add((i, name))
     return w.to(dtype or w.dtype)
 
