@@ -169,7 +169,7 @@ def _add_gen_flags(p: argparse.ArgumentParser) -> None:
 # does the work; heavy imports stay inside ``func`` so that ``--help`` stays instant.
 COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands", "chat.commands", "serve.board.commands",
-    "tools.vocab_cmd", "eval.commands", "data.convert", "tools.model_cmds",
+    "tools.vocab_cmd", "eval.commands", "data.convert", "tools.model_cmds", "train.plan",
 )
 
 
@@ -270,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         rest = argv[1:]
         config = rest.pop(0) if rest and not rest[0].startswith("-") else None
         args, extra = parser.parse_args(["train"] + ([config] if config else [])), rest
+    elif argv[:1] == ["plan"] and not {"-h", "--help"} & set(argv):
+        # `plan [CONFIG] [--device-memory X] --key value ...`: the train command's flags plus the planner's own
+        from .train.plan import split_argv
+
+        mine, extra = split_argv(argv[1:])
+        args = parser.parse_args(["plan"] + mine)
     else:
         args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):

@@ -38,6 +38,10 @@ class ModelArgs:
     flash kernel's backward at these lengths."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model folder."""
+    rope_scaling: str | None = None
+    """Stretch the context beyond the model's ``max_position_embeddings``: ``TYPE:FACTOR`` with TYPE one of
+    transformers' ``linear``, ``dynamic`` (NTK) or ``yarn`` (e.g. ``linear:2`` doubles it). Needed when
+    cutoff_len exceeds the model's context."""
 
 
 @dataclass
@@ -145,6 +149,9 @@ class TrainArgs:
     """Trained positions per cross-entropy chunk: full-vocabulary logits are never materialised at once."""
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    gradient_checkpointing: str = "auto"
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
+    ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""
     fast_kernels: bool = True
     """Swap in the trainer's kernels (low-memory eager attention, RMSNorm and SwiGLU that keep less for
     backward, faster LoRA dropout): the same maths as the stock modules. ``false`` trains the stock HF/PEFT modules."""
@@ -324,6 +331,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"val_size: expected >= 0, got {d.val_size}")
     if lo.finetuning == "full" and cfg.model.quantization != "none":
         raise ConfigError("finetuning: full cannot train quantized weights; use quantization: none")
+    t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
+    if t.gradient_checkpointing not in ("auto", "true", "false"):
+        raise ConfigError(f"gradient_checkpointing: expected auto, true or false, got {t.gradient_checkpointing!r}")
+    if cfg.model.rope_scaling is not None:
+        from .model.load import parse_rope_scaling
+
+        parse_rope_scaling(cfg.model.rope_scaling)
     if lo.lora_init in ("pissa", "olora", "loftq") and cfg.model.quantization != "none":
         raise ConfigError(f"lora_init: {lo.lora_init} initialises from the full-precision base weights; "
                           "use quantization: none")

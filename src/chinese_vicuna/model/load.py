@@ -8,6 +8,7 @@ model config and generation config must agree with the tokenizer.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -228,6 +229,74 @@ def default_dtype(dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+
+
+def parse_rope_scaling(spec: str) -> tuple[str, float]:
+    """``"linear:2"`` -> ``("linear", 2.0)``; the types are transformers' names (``dynamic`` = NTK-aware).
+
+    Raises:
+        ConfigError: not ``TYPE:FACTOR`` with a known type and a factor > 1.
+    """
+    from ..config import ConfigError
+
+    kind, _, factor = str(spec).partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if kind not in ROPE_TYPES or value <= 1.0:
+        raise ConfigError(
+            f"rope_scaling: expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and FACTOR > 1 "
+            f"(e.g. linear:2), got {spec!r}"
+        )
+    return kind, value
+
+
+def apply_rope_scaling(config, spec: str | None) -> int:
+    """Set transformers' ``rope_parameters`` on a model config in place; returns the usable context length.
+
+    ``linear`` divides positions by the factor, ``dynamic`` (NTK) raises the RoPE base only past the
+    original length, ``yarn`` interpolates per frequency band (``original_max_position_embeddings`` is
+    the pretrained length). Without ``spec`` the context is ``max_position_embeddings``.
+    """
+    original = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if not spec:
+        return original
+    kind, factor = parse_rope_scaling(spec)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = {"rope_type": kind, "factor": factor, "rope_theta": theta}
+    if kind == "yarn":
+        params["original_max_position_embeddings"] = original
+    config.rope_parameters = params
+    if kind != "dynamic":  # dynamic NTK treats max_position_embeddings as the length where scaling starts
+        config.max_position_embeddings = int(original * factor)
+    return int(original * factor)
+
+
+def check_context(config, cutoff_len: int, spec: str | None, where: str = "base_model") -> int:
+    """Apply ``rope_scaling`` to ``config`` and refuse a ``cutoff_len`` past the resulting context.
+
+    Raises:
+        ConfigError: cutoff_len exceeds the model's (scaled) context.
+    """
+    from ..config import ConfigError
+
+    context = apply_rope_scaling(config, spec)
+    if context and cutoff_len > context:
+        need = math.ceil(cutoff_len / context)
+        hint = (
+            "raise the rope_scaling factor (or lower cutoff_len)" if spec else
+            f"set rope_scaling (e.g. linear:{need} or yarn:{need}) or lower cutoff_len"
+        )
+        raise ConfigError(
+            f"cutoff_len: {cutoff_len} exceeds the {where}'s context of {context} tokens "
+            f"(max_position_embeddings{' with rope_scaling ' + spec if spec else ''}); {hint}"
+        )
+    return context
+
+
 def load_model(
     path: str,
     *,
@@ -237,12 +306,14 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | None = None,
     device_map: str | None = None,
+    rope_scaling: str | None = None,
 ):
     """Load a causal LM for training or inference (quantized with bitsandbytes if asked).
 
     ``device_map="auto"`` (inference) spreads the layers over every visible GPU, then the CPU.
+    ``rope_scaling`` (``TYPE:FACTOR``) stretches the context, see ``apply_rope_scaling``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .quantize import bnb_config
 
@@ -250,6 +321,16 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
+    if rope_scaling:
+        p = Path(path)
+        src = {"pretrained_model_name_or_path": str(p.parent), "gguf_file": p.name} if p.suffix == ".gguf" else {
+            "pretrained_model_name_or_path": path}
+        try:
+            config = AutoConfig.from_pretrained(**src, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise ModelLoadError(_explain(path, e)) from None
+        apply_rope_scaling(config, rope_scaling)
+        kwargs["config"] = config
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}

@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
 from .loss import CausalLMLoss
+from .plan import compare_line, model_config, needs_checkpointing, plan_run
 
 StepCallback = Callable[["SFTTrainer", int, dict], None]
 
@@ -60,6 +61,16 @@ def upcast_trainable(model: torch.nn.Module) -> list[str]:
             p.data = p.data.float()
             changed.append(name)
     return changed
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' own switch).
+
+    Non-reentrant checkpointing needs no input that requires grad (LoRA/QLoRA train nothing below
+    the first layer) and replays dropout with the saved RNG state, so gradients equal those without it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 class SFTTrainer:
@@ -93,6 +104,8 @@ class SFTTrainer:
         set_seed(t.seed)
         if acc.is_main_process:
             clean_partial(t.output_dir)
+        # the model config alone first: a cutoff_len past the (rope-scaled) context fails before the weights load
+        _, self.shape = model_config(cfg)
 
         model, tok = load_model_and_tokenizer(
             cfg.model.base_model,
@@ -101,6 +114,7 @@ class SFTTrainer:
             attn_implementation=self._attention(),
             trust_remote_code=cfg.model.trust_remote_code,
             device=str(acc.device) if cfg.model.quantization != "none" else None,
+            rope_scaling=cfg.model.rope_scaling,
         )
         if cfg.model.quantization != "none":
             model = prepare_for_kbit_training(model)
@@ -159,6 +173,14 @@ class SFTTrainer:
         n_micro = len(self._epoch_plan(0))
         self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step))
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
+
+        self.checkpointing, self.memory_plan = needs_checkpointing(
+            plan_run(cfg, self.shape, self.lengths, device=acc.device.type))
+        if self.checkpointing:
+            enable_checkpointing(model)
+        if acc.is_main_process:
+            print(f"memory plan: predicted peak {self.memory_plan.peak_mib} MiB on {acc.device.type}, gradient "
+                  f"checkpointing {'on' if self.checkpointing else 'off'} (`chinese-vicuna plan` for the breakdown)")
 
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(model, params, lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -264,6 +286,9 @@ class SFTTrainer:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 ctx = contextlib.nullcontext() if last else acc.no_sync(self.wrapper)
+                # accelerate's DeepSpeed engine steps inside backward() whenever sync_gradients is set (and
+                # nothing else in this loop sets it): only the step's last micro-batch may be a boundary.
+                acc.gradient_state._set_sync_gradients(last)
                 with ctx:
                     loss_sum, _ = self.wrapper(**batch)
                     # mean over the trained tokens of the whole step, on every process
@@ -321,6 +346,8 @@ class SFTTrainer:
                 break
         stop.close()
         log.close("stopped" if self.stopped_at else "finished")
+        if acc.is_main_process:
+            print(compare_line(self.memory_plan.peak_mib))
         if self.stopped_at is None:
             self.save()
         return self.history[-1] if self.history else {}

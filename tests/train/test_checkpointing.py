@@ -1,0 +1,95 @@
+"""Gradient checkpointing: the same gradients as without it (LoRA, QLoRA, full), really recomputing, and resume."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chinese_vicuna.config import ConfigError, load_config
+from chinese_vicuna.train.sft import SFTTrainer, run_training
+
+
+def flags(base, data, out, **kw):
+    args = dict(
+        base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=5e-3,
+        cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, report_to="none", seed=7,
+        save_steps=1000, eval_steps=1000, group_by_length="false", dtype="float32", lora_target_modules="all-linear",
+    )
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def step_gradients(cfg):
+    """Gradients of the first optimizer step's loss, and how often decoder layer 0's MLP started its forward
+    (transformers checkpoints the layer's ``forward``, so the hooks of its submodules see the recompute; a
+    pre-hook, since torch stops the recompute as soon as the last saved tensor is rebuilt)."""
+    t = SFTTrainer(cfg, progress_bar=False).setup()
+    model = t.accelerator.unwrap_model(t.wrapper).model
+    layer = model.get_base_model().model.layers[0] if hasattr(model, "get_base_model") else model.model.layers[0]
+    calls = []
+    layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    t.wrapper.train()
+    torch.manual_seed(0)  # the same dropout masks in both runs
+    for batch in t.step_batches(0):
+        loss_sum, n = t.wrapper(**batch)
+        (loss_sum / n).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return t, grads, len(calls)
+
+
+@pytest.mark.parametrize(
+    "kind", [dict(finetuning="lora"), dict(finetuning="full"), dict(finetuning="lora", fast_kernels="false"),
+             dict(finetuning="lora", quantization="4bit")],
+    ids=["lora", "full", "lora-stock-modules", "qlora"],
+)
+def test_checkpointing_gradients_equal_without(tiny_model_dir, alpaca_file, tmp_path, kind):
+    off_t, off, off_calls = step_gradients(load_config(None, flags(
+        tiny_model_dir, alpaca_file, tmp_path / "off", gradient_checkpointing="false", **kind)))
+    on_t, on, on_calls = step_gradients(load_config(None, flags(
+        tiny_model_dir, alpaca_file, tmp_path / "on", gradient_checkpointing="true", **kind)))
+    assert not off_t.checkpointing and on_t.checkpointing
+    assert on_calls == 2 * off_calls  # each layer's forward really ran again in backward
+    assert sorted(on) == sorted(off) and len(on) > 0
+    for name in off:
+        torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7, msg=name)
+    # lora_B starts at zero, so lora_A's first gradient is zero; everything else really got one
+    assert all(off[n].abs().sum() > 0 for n in off if "lora_A" not in n)
+
+
+def test_checkpointing_resume_matches_uninterrupted(tiny_model_dir, alpaca_file, tmp_path):
+    common = dict(max_steps=4, save_steps=2, gradient_checkpointing="true")
+    ref = run_training(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "ref", **common)), progress_bar=False)
+    assert ref.checkpointing
+    # a run interrupted after step 2: its output folder holds only checkpoint-2
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "ref" / "checkpoint-2", part / "checkpoint-2")
+    resumed = run_training(load_config(None, flags(tiny_model_dir, alpaca_file, part, resume="auto", **common)),
+                           progress_bar=False)
+    assert resumed.checkpointing and resumed.resumed_from.name == "checkpoint-2"
+    a = load_file(str(Path(tmp_path / "ref") / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_auto_follows_the_plan(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+    import chinese_vicuna.train.plan as plan
+
+    cfg = load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=1))
+    assert cfg.train.gradient_checkpointing == "auto"
+    t = SFTTrainer(cfg, progress_bar=False).setup()
+    assert not t.checkpointing  # a tiny model fits this machine
+    need = t.memory_plan.peak
+    monkeypatch.setattr(plan, "device_memory", lambda device: need)  # a device just too small to run without it
+    t2 = SFTTrainer(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=1)),
+                    progress_bar=False).setup()
+    assert t2.checkpointing and t2.memory_plan.checkpointing and t2.memory_plan.peak < need
+
+
+def test_gradient_checkpointing_key_is_checked():
+    with pytest.raises(ConfigError, match="gradient_checkpointing: expected auto, true or false, got 'sometimes'"):
+        load_config(None, ["--gradient_checkpointing", "sometimes"])
+    assert load_config(None, ["--gradient_checkpointing", "True"]).train.gradient_checkpointing == "true"
