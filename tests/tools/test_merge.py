@@ -161,3 +161,28 @@ def test_cli_merge_and_errors(tmp_path, tiny_model_dir, tiny_adapter_dir):
     bad = cli("merge", "--model", tiny_model_dir, "--adapter", tmp_path / "nope", "--out", tmp_path / "n", check=False)
     assert bad.returncode == 2
     assert f"error: {tmp_path / 'nope'}: not an adapter folder (no adapter_config.json)" in bad.stderr
+
+
+def test_dora_merges_in_both_modes(tmp_path, sharded_base, adapters):
+    """DoRA: each merged row has the trained magnitude as its norm; stacked on a plain adapter, both modes agree."""
+    from safetensors.torch import load_file
+
+    dora = make_adapter(sharded_base, tmp_path / "dora", seed=5, r=4, use_dora=True)
+    saved = read_adapter(str(dora))
+    d = saved.deltas["model.layers.1.mlp.down_proj.weight"]
+    assert d.magnitude is not None and d.magnitude.shape == (32,)
+    out = merge_adapters(str(sharded_base), [str(dora)], tmp_path / "low", low_memory=True)
+    assert_merged_equals_unmerged(out, sharded_base, [dora])
+    merged = load_file(str(out / "model.safetensors"))
+    for name, delta in saved.deltas.items():
+        torch.testing.assert_close(merged[name].norm(dim=1), delta.magnitude, rtol=1e-6, atol=0)
+    base = merged_logits(sharded_base)
+    assert (merged_logits(out) - base).abs().max() > 1.0  # the adapter really changes the model
+    # on top of adapter 1 (the norms are those of base + adapter 1, what adapter 2 was trained on)
+    both = [str(adapters[0]), str(dora)]
+    peft = merge_adapters(str(sharded_base), both, tmp_path / "peft2")
+    low = merge_adapters(str(sharded_base), both, tmp_path / "low2", low_memory=True)
+    a, b = load_file(str(peft / "model.safetensors")), load_file(str(low / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
