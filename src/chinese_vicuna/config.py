@@ -144,7 +144,8 @@ class TrainArgs:
     new_data: bool = False
     """With resume: keep optimizer and schedule but start the (new) data from its beginning."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Loggers besides console and CSV: ``tensorboard``, ``wandb``; ``none`` for neither."""
+    """Loggers besides console and CSV: ``tensorboard``, ``wandb``, ``swanlab`` (offline log in output_dir unless
+    SWANLAB_MODE / SWANLAB_API_KEY), ``mlflow`` (file store in output_dir unless MLFLOW_TRACKING_URI); ``none`` for neither."""
     loss_chunk_size: int = 256
     """Trained positions per cross-entropy chunk: full-vocabulary logits are never materialised at once."""
     num_threads: int = 0
