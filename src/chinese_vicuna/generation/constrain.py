@@ -4,8 +4,9 @@ The grammar engine is llguidance (the Earley/lexer engine behind Guidance and ll
 ``%llguidance``): it compiles a JSON schema or a Lark grammar against the tokenizer and, at each
 step, gives the set of token ids that keep the output valid. Our token iterator masks everything
 else to ``-inf`` before sampling, so greedy and sampled replies alike always parse (unless cut by
-``max_tokens``). The llama.cpp backend uses llama.cpp's own GBNF grammars instead
-(``LlamaGrammar``), built from the same ``Constraint``.
+``max_tokens``). The llama.cpp backend applies the same matcher in its logits processor (its own
+``LlamaGrammar.from_json_schema`` ignores ``minimum``/``maximum`` and similar keywords, so its
+replies can break the schema).
 
 Tool calls are written as ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` (the Hermes /
 Qwen convention); ``TOOL_PROMPT`` tells a model so when its template has no tool support.
@@ -14,7 +15,6 @@ Qwen convention); ``TOOL_PROMPT`` tells a model so when its template has no tool
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -133,26 +133,6 @@ class Matcher:
     def advance(self, token: int) -> None:
         if token not in self.eos:
             self.m.consume_token(token)
-
-
-def llama_grammar(c: Constraint):
-    """The same constraint as a llama.cpp GBNF grammar (``LlamaGrammar``)."""
-    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
-
-    try:
-        if c.kind == "json":
-            gbnf = json_schema_to_gbnf(json.dumps(c.json_schema()))
-        else:
-            # The call object's rules, with its root renamed, under our tool-call rules.
-            body = re.sub(r"^root ::=", "tc-call-json ::=", json_schema_to_gbnf(json.dumps(c.call_schema())), flags=re.M)
-            one = f'"{CALL_OPEN}" tc-call-json "{CALL_CLOSE}"'
-            calls = f"tc-ws {one} (tc-ws {one})*" if c.parallel else f"tc-ws {one}"
-            root = "tc-calls" if c.required else "tc-text | tc-calls"
-            gbnf = "\n".join([f"root ::= {root}", f"tc-calls ::= {calls}", r"tc-ws ::= [ \t\n]? [ \t\n]?",
-                              r"tc-text ::= tc-ws [^<\x20\t\n] [^\x00]*", body])
-        return LlamaGrammar.from_string(gbnf, verbose=False)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ConstraintError(f"llama.cpp cannot compile this schema: {e}") from None
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]] | None:

@@ -218,11 +218,6 @@ class LlamaCppEngine(Engine):
     def eos_ids(self) -> list[int]:
         return self.model.eog_ids()
 
-    def check_constraint(self, constraint) -> None:
-        from .constrain import llama_grammar
-
-        llama_grammar(constraint)
-
     def token_bytes(self, token: int) -> bytes:
         return self.model.llm.detokenize([token])
 
@@ -236,9 +231,10 @@ class LlamaCppEngine(Engine):
         from dataclasses import replace
 
         import numpy as np
+        import torch
 
         from ..config import ConfigError
-        from .constrain import llama_grammar
+        from .constrain import Matcher, compile_grammar, ll_tokenizer
         from .decode import Step, TokenLogprob
 
         if gen.num_beams > 1:
@@ -246,7 +242,12 @@ class LlamaCppEngine(Engine):
         backend = self.model
         if gen.seed is not None:
             gen = replace(gen, seed=gen.seed % 2**32)  # llama.cpp seeds are 32-bit
-        grammar = llama_grammar(gen.constraint) if gen.constraint is not None else None
+        # The grammar is llguidance's, as on the HF backend, applied in our logits processor:
+        # llama-cpp-python's own JSON-schema converter drops keywords such as minimum/maximum.
+        matcher = None
+        if gen.constraint is not None:
+            llt = ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids())
+            matcher = Matcher(compile_grammar(gen.constraint, llt), llt, self.eos_ids())
         last: list[np.ndarray] = []
         bias = None
         if gen.logit_bias:
@@ -255,23 +256,28 @@ class LlamaCppEngine(Engine):
                 bias[tok] = value
 
         def hook(scores: np.ndarray) -> np.ndarray:
-            # logit_bias, then what logprobs report: log-softmax after penalties, bias and temperature
-            # (llama.cpp applies the grammar after this point, so these logprobs are before its mask)
+            # logit_bias and the grammar mask, then what logprobs report: log-softmax after
+            # penalties, bias, temperature and mask (as on the HF backend)
             if bias is not None:
                 scores = scores + bias
+            if matcher is not None:
+                scores = np.array(scores, dtype=np.float32)
+                matcher.mask(torch.from_numpy(scores))
             if gen.logprobs is not None:
                 z = scores / (gen.temperature if gen.do_sample else 1.0)
                 z = z - z.max()
                 last[:] = [z - np.log(np.exp(z).sum())]
             return scores
 
-        use_hook = bias is not None or gen.logprobs is not None
+        use_hook = bias is not None or gen.logprobs is not None or matcher is not None
 
         def steps():
             toks: list[int] = []
             lps: list[TokenLogprob] | None = [] if gen.logprobs is not None else None
-            for tok in backend.iter_ids(ids, gen, grammar=grammar, hook=hook if use_hook else None):
+            for tok in backend.iter_ids(ids, gen, hook=hook if use_hook else None):
                 toks.append(tok)
+                if matcher is not None:
+                    matcher.advance(tok)
                 if lps is not None and last:
                     row = last[0]
                     top = np.argsort(-row)[: gen.logprobs] if gen.logprobs else []
