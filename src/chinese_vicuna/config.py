@@ -150,6 +150,11 @@ class TrainArgs:
     """Trained positions per cross-entropy chunk: full-vocabulary logits are never materialised at once."""
     num_threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    launcher: Literal["local", "ray"] = "local"
+    """``local``: this process (under ``torchrun``/``accelerate launch`` for DDP, FSDP, DeepSpeed); ``ray``: Ray
+    Train's TorchTrainer on num_workers workers of the cluster ``RAY_ADDRESS`` names (else a local one)."""
+    num_workers: int = 2
+    """Workers for ``launcher: ray`` (GPUs are used when the cluster has one per worker)."""
     gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
     ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""
@@ -158,7 +163,35 @@ class TrainArgs:
     backward, faster LoRA dropout): the same maths as the stock modules. ``false`` trains the stock HF/PEFT modules."""
 
 
-CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs)
+@dataclass
+class PrefArgs:
+    stage: Literal["sft", "pretrain", "dpo", "ipo", "orpo", "simpo", "kto"] = "sft"
+    """Training objective. ``sft``: replies given prompts; ``pretrain``: raw text (records with ``text``,
+    ``.txt`` files); ``dpo``/``ipo``/``orpo``/``simpo``: chosen-vs-rejected pairs; ``kto``: replies labelled
+    desirable or not (pairs are split into one of each)."""
+    pref_beta: float = 0.1
+    """beta of DPO/IPO/KTO (strength of the pull towards the reference), ORPO's odds-ratio weight (lambda)
+    and SimPO's reward scale (the SimPO paper used 2.0-2.5)."""
+    pref_loss_type: Literal["sigmoid", "hinge", "robust"] = "sigmoid"
+    """DPO's loss: ``sigmoid`` (the paper's; with label_smoothing it is cDPO), ``hinge`` (SLiC), ``robust``
+    (rDPO, unbiased under label noise = label_smoothing)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+    label_smoothing: float = 0.0
+    """Assumed fraction of flipped preference labels (DPO sigmoid/robust, SimPO); 0 to 0.5."""
+    kto_desirable_weight: float = 1.0
+    """KTO: weight of the losses of desirable replies."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: weight of the losses of undesirable replies."""
+    pref_ftx: float = 0.0
+    """Adds pref_ftx x the SFT loss (mean per-token NLL) of the chosen/desirable reply (DPO, IPO, SimPO, KTO;
+    ORPO always has it with weight 1)."""
+    ref_adapter: str | None = None
+    """Reference model of DPO/IPO/KTO: the base with this adapter (e.g. the SFT adapter you start from with
+    init_adapter). Default: the base model (the trained adapter disabled), no second copy in memory."""
+
+
+CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs, PrefArgs)
 
 
 @dataclass
@@ -169,11 +202,12 @@ class TrainConfig:
     lora: LoraArgs = field(default_factory=LoraArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    pref: PrefArgs = field(default_factory=PrefArgs)
 
     def flat(self) -> dict[str, Any]:
         """All keys in one flat mapping, as in YAML and on the command line."""
         out: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train):
+        for group in (self.model, self.lora, self.data, self.train, self.pref):
             out.update(dataclasses.asdict(group))
         return out
 
@@ -190,7 +224,7 @@ class TrainConfig:
 
 
 def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
-    groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs}
+    groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "pref": PrefArgs}
     table: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in groups.items():
         hints = typing.get_type_hints(cls)
@@ -332,6 +366,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"val_size: expected >= 0, got {d.val_size}")
     if lo.finetuning == "full" and cfg.model.quantization != "none":
         raise ConfigError("finetuning: full cannot train quantized weights; use quantization: none")
+    pr = cfg.pref
+    if pr.stage not in ("sft", "pretrain") and d.packing:
+        raise ConfigError(f"packing: not supported with stage {pr.stage} (pairs are compared as whole sequences)")
+    if not 0 <= pr.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing: expected 0 <= value < 0.5, got {pr.label_smoothing}")
+    if pr.pref_beta <= 0:
+        raise ConfigError(f"pref_beta: expected > 0, got {pr.pref_beta}")
+    if pr.ref_adapter and pr.stage not in ("dpo", "ipo", "kto"):
+        raise ConfigError(f"ref_adapter: only dpo, ipo and kto use a reference model, not stage {pr.stage}")
+    if pr.ref_adapter and lo.finetuning != "lora":
+        raise ConfigError("ref_adapter: needs finetuning: lora (the reference is the base with that adapter)")
     t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
     if t.gradient_checkpointing not in ("auto", "true", "false"):
         raise ConfigError(f"gradient_checkpointing: expected auto, true or false, got {t.gradient_checkpointing!r}")

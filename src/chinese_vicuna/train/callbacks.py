@@ -44,7 +44,9 @@ class TrainLogger:
         enabled: bool,
         config: dict | None = None,
         show_bar: bool = True,
+        extra_fields: tuple[str, ...] = (),
     ):
+        self.FIELDS = self.FIELDS + list(extra_fields)  # e.g. preference tuning's rewards/* columns
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.total = total_steps

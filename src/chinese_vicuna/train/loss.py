@@ -51,15 +51,18 @@ def _workspace(name: str, rows: int, cols: int, dtype: torch.dtype, device: torc
     return buf[:rows]
 
 
-def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=None) -> torch.Tensor:
-    """Loss sum over chunks; fills ``grad_h`` (``d sum / d hidden``) and adds into ``grad_w`` if given."""
+def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=None, row_of=None, n_rows=0) -> torch.Tensor:
+    """Loss sum over chunks; fills ``grad_h`` (``d sum / d hidden``) and adds into ``grad_w`` if given.
+
+    With ``row_of`` (the sequence index of each position) the sums are per sequence, ``[n_rows]``.
+    """
     w = weight.to(dtype)
     n, vocab = hidden.shape[0], w.shape[0]
     rows = min(chunk_size, n)
     fp32 = dtype == torch.float32  # then the logits buffer is the fp32 softmax buffer too
     logits_buf = _workspace("logits", rows, vocab, dtype, hidden.device)
     z_buf = logits_buf if fp32 else _workspace("z", rows, vocab, torch.float32, hidden.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((n_rows,) if row_of is not None else (), dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
@@ -72,7 +75,11 @@ def _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h=None, grad_w=N
             zmax = z.amax(-1, keepdim=True)
             probs = z.sub_(zmax).exp_()
             norm = probs.sum(-1, keepdim=True)
-            total += (norm.log() + zmax - target_logit).sum()  # logsumexp - target logit
+            per_pos = norm.log() + zmax - target_logit  # logsumexp - target logit
+            if row_of is None:
+                total += per_pos.sum()
+            else:
+                total.index_add_(0, row_of[start:end], per_pos[:, 0])
             if grad_h is None and grad_w is None:
                 continue
             # d(sum CE)/d(logits) = softmax - onehot
@@ -100,21 +107,26 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, dtype: torch.dtype, row_of=None, n_rows: int = 0):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_w and row_of is not None:
+            raise ValueError("per-sequence sums with a trained head take the unfused path")
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h, grad_w)
+        total = _ce_chunks(hidden, weight, targets, chunk_size, dtype, grad_h, grad_w, row_of, n_rows)
         ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, row_of)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, row_of = ctx.saved_tensors
+        if row_of is not None:  # per-sequence sums: each position takes its sequence's upstream gradient
+            gh = grad_h * grad_out[row_of].to(grad_h.dtype)[:, None] if grad_h is not None else None
+            return gh, None, None, None, None, None, None
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -175,6 +187,43 @@ def chunked_cross_entropy(
     return total, torch.tensor(n, device=hidden.device)
 
 
+def _ce_per_pos(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of log p(label) over trained positions ``[batch]`` (fp32), and their count.
+
+    What preference losses need (DPO compares whole-reply log-probabilities). Same paths as
+    :func:`chunked_cross_entropy`: fused for a frozen plain ``nn.Linear`` head, else chunked with
+    activation checkpointing.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    counts = keep.sum(1)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    h = hidden[:, :-1][keep]
+    t = targets[keep]
+    n_rows = labels.shape[0]
+    if t.numel() == 0:
+        return hidden.sum() * 0.0 + hidden.new_zeros(n_rows, dtype=torch.float32), counts
+    w = getattr(head, "weight", None)
+    if _fusable(head, h) and not w.requires_grad:
+        dtype = _compute_dtype(h, w)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return -FusedLinearCrossEntropy.apply(h, w, t, chunk_size, dtype, rows, n_rows), counts
+        with torch.no_grad():
+            return -_ce_chunks(h, w, t, chunk_size, dtype, row_of=rows, n_rows=n_rows), counts
+    total = hidden.new_zeros(n_rows, dtype=torch.float32)
+    for start in range(0, t.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        ce = checkpoint(_ce_per_pos, head, h[sl], t[sl], use_reentrant=False) if torch.is_grad_enabled() else _ce_per_pos(head, h[sl], t[sl])
+        total = total.index_add(0, rows[sl], -ce)
+    return total, counts
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a (PEFT) causal LM so that ``forward(batch)`` returns ``(loss_sum, n_trained)``.
 
@@ -196,16 +245,22 @@ class CausalLMLoss(nn.Module):
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        per_sequence: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_sum, n_trained)``; with ``per_sequence``: ``(logp_sum [batch], n_trained [batch])``."""
         base = self._base()
         cfg = base.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
             # Models that post-process logits: take the full logits from the model itself.
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
             t = labels[:, 1:]
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), t.flatten(), reduction="sum")
-            return loss, (t != IGNORE).sum()
+            ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), t, reduction="none")
+            if per_sequence:
+                return -ce.sum(1), (t != IGNORE).sum(1)
+            return ce.sum(), (t != IGNORE).sum()
         out = base.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
+        if per_sequence:
+            return sequence_logprobs(out[0], labels, base.get_output_embeddings(), self.chunk_size)
         return chunked_cross_entropy(out[0], labels, base.get_output_embeddings(), self.chunk_size)

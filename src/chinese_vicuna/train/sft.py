@@ -21,6 +21,7 @@ import torch
 from ..config import TrainConfig
 from ..data.collate import collate, collate_packed, plan_batches, plan_packed
 from ..data.datasets import PreparedData, parse_source, prepare
+from ..data.preference import prepare_preferences
 from ..data.templates import get_template
 from ..data.tokenize import IGNORE, Renderer, Sample, save_tokenizer
 from ..model.adapters import META_FILE, attach_lora, trainable_summary
@@ -42,6 +43,7 @@ from .checkpoint import (
 from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
 from .loss import CausalLMLoss
 from .plan import compare_line, model_config, needs_checkpointing, plan_run
+from .preference import PreferenceObjective
 
 StepCallback = Callable[["SFTTrainer", int, dict], None]
 
@@ -71,6 +73,50 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+class SFTObjective:
+    """Next-token cross-entropy over the trained tokens (``sft`` and ``pretrain``); the unit is a token.
+
+    The trainer asks its objective for everything stage-specific: sample lengths, collation, the
+    step's unit count, the micro-batch loss sum, extra metrics and validation (see
+    :class:`.preference.PreferenceObjective` for the preference stages).
+    """
+
+    unit = "tokens"
+    log_fields: tuple[str, ...] = ()
+
+    def __init__(self, trainer: SFTTrainer):
+        self.trainer = trainer
+
+    @staticmethod
+    def length(s: Sample) -> int:
+        return len(s.input_ids)
+
+    def collate(self, samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
+        batch = collate_packed(samples, pad_id) if self.trainer.cfg.data.packing else collate(samples, pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    trained_tokens = count
+
+    def prepare(self) -> None:
+        pass
+
+    def begin_step(self, batches: list[dict]) -> None:
+        pass
+
+    def loss(self, wrapper, batch: dict) -> torch.Tensor:
+        return wrapper(**batch)[0]
+
+    def pop_metrics(self) -> dict[str, float]:
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        return {"val_loss": self.trainer.evaluate_tokens()}
 
 
 class SFTTrainer:
@@ -146,12 +192,13 @@ class SFTTrainer:
         if acc.is_main_process:
             print(trainable_summary(model))
 
-        d = cfg.data
+        d, stage = cfg.data, cfg.pref.stage
         self.template = get_template(d.template, tok, d.system_prompt)
-        self.renderer = Renderer(tok, self.template, d.cutoff_len, d.mask, d.overlong)
-        self.data: PreparedData = prepare(
-            self.renderer,
-            [parse_source(s, d.format) for s in d.data_path],
+        preference = stage not in ("sft", "pretrain")
+        # preference stages train the final reply only: chosen and rejected differ there
+        self.renderer = Renderer(tok, self.template, d.cutoff_len, "last" if preference else d.mask, d.overlong)
+        fmt = "text" if stage == "pretrain" else d.format
+        data_args = dict(
             val_size=d.val_size,
             seed=t.seed,
             dedup=d.dedup,
@@ -160,6 +207,13 @@ class SFTTrainer:
             rejects_path=str(Path(t.output_dir) / "rejects.jsonl"),
             progress=acc.is_main_process and self.progress_bar,
         )
+        sources = [parse_source(s, fmt) for s in d.data_path]
+        if preference:
+            self.data = prepare_preferences(self.renderer, sources, stage, **data_args)
+            self.objective = PreferenceObjective(self)
+        else:
+            self.data: PreparedData = prepare(self.renderer, sources, **data_args)
+            self.objective = SFTObjective(self)
         if acc.is_main_process:
             print("data: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.data.stats.items()))
 
@@ -169,7 +223,7 @@ class SFTTrainer:
                 f"batch_size/micro_batch_size = {self.micro_per_step} micro-batches per step cannot be "
                 f"split over {self.world} processes"
             )
-        self.lengths = [len(s.input_ids) for s in self.data.train]
+        self.lengths = [self.objective.length(s) for s in self.data.train]
         n_micro = len(self._epoch_plan(0))
         self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step))
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
@@ -188,6 +242,7 @@ class SFTTrainer:
         self.wrapper = CausalLMLoss(model, t.loss_chunk_size)
         self.wrapper, self.optimizer = acc.prepare(self.wrapper, self.optimizer)
         self._trainable = params
+        self.objective.prepare()  # the reference log-probs, from the initial weights (before any resume)
 
         self.resumed_from: Path | None = None
         start = 0
@@ -246,10 +301,8 @@ class SFTTrainer:
         self._plan_epoch, self._plan = epoch, plan
         return plan
 
-    def _collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
-        batch = collate_packed(samples, pad) if self.cfg.data.packing else collate(samples, pad)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+    def _collate(self, samples: list) -> dict[str, torch.Tensor]:
+        return self.objective.collate(samples, self.tokenizer.pad_token_id, self.accelerator.device)
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches for optimizer step ``step`` (a pure function of the step)."""
@@ -265,7 +318,8 @@ class SFTTrainer:
         acc, t = self.accelerator, self.cfg.train
         start = self.progress.step
         log = TrainLogger(
-            t.output_dir, self.total_steps, start, t.report_to, acc.is_main_process, self.cfg.flat(), self.progress_bar
+            t.output_dir, self.total_steps, start, t.report_to, acc.is_main_process, self.cfg.flat(), self.progress_bar,
+            self.objective.log_fields,
         )
         self.logger = log
         self.wrapper.train()
@@ -280,8 +334,10 @@ class SFTTrainer:
         self.stopped_at: int | None = None
         for step in range(start, self.total_steps):
             batches = self.step_batches(step)
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            # the step's units (trained tokens; pairs or replies for preference stages) on all processes
+            n_local = sum(self.objective.count(b) for b in batches)
             n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
+            self.objective.begin_step(batches)
             step_loss = torch.zeros((), device=acc.device)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
@@ -290,13 +346,13 @@ class SFTTrainer:
                 # nothing else in this loop sets it): only the step's last micro-batch may be a boundary.
                 acc.gradient_state._set_sync_gradients(last)
                 with ctx:
-                    loss_sum, _ = self.wrapper(**batch)
-                    # mean over the trained tokens of the whole step, on every process
+                    loss_sum = self.objective.loss(self.wrapper, batch)
+                    # mean over the trained tokens (pairs) of the whole step, on every process
                     acc.backward(loss_sum * self.world / n_global.clamp(min=1))
                 step_loss += loss_sum.detach()
                 mask = batch.get("attention_mask")
                 log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
-            log.tokens(0, n_local)
+            log.tokens(0, sum(self.objective.trained_tokens(b) for b in batches))
             grad_norm = None
             if t.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(self._trainable, t.max_grad_norm)
@@ -319,6 +375,7 @@ class SFTTrainer:
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
+                metrics.update(self.objective.pop_metrics())
                 loss_acc.zero_()
                 tok_acc.zero_()
             now = time.perf_counter()
@@ -326,6 +383,7 @@ class SFTTrainer:
             tick = now
             if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
                 metrics["val_loss"] = self.evaluate()
+                metrics.update(self.last_eval)
                 if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
                     self.progress.best_val, self.progress.best_step = metrics["val_loss"], done
             if metrics:
@@ -352,8 +410,13 @@ class SFTTrainer:
             self.save()
         return self.history[-1] if self.history else {}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
+        """The validation loss (all processes); other validation metrics go to ``last_eval``."""
+        self.last_eval = self.objective.evaluate()
+        return self.last_eval["val_loss"]
+
+    @torch.no_grad()
+    def evaluate_tokens(self) -> float:
         """Mean cross-entropy per trained token over the validation split (all processes)."""
         acc = self.accelerator
         self.wrapper.eval()

@@ -1,0 +1,425 @@
+"""Preference records -> (prompt, chosen, rejected) pairs or KTO's unpaired (prompt, completion, label).
+
+Formats, detected per record from its keys:
+
+- TRL: ``{"prompt", "chosen", "rejected"}``; each a string, or a message list (``role``/``content``).
+  Without ``prompt``, ``chosen``/``rejected`` are whole conversations sharing their prompt
+  (TRL's "implicit prompt" form).
+- alpaca-style: ``{"instruction", "input", "chosen", "rejected"}`` (+ optional ``system``, ``history``).
+- ShareGPT preference: ``{"conversations": [...ending with the user], "chosen": {"from": "gpt",
+  "value"}, "rejected": {...}}`` (+ optional ``system``).
+- HH-RLHF: ``{"chosen": "\\n\\nHuman: …\\n\\nAssistant: …", "rejected": …}``.
+- KTO unpaired: ``{"prompt", "completion", "label": true|false}``.
+
+Chosen and rejected are rendered by the same template and whole-string tokenization as SFT
+(``Renderer.render``); only the final reply's tokens are trained. Every problem is reported as
+``file:line: field: what was expected``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .datasets import DataError, Source, iter_records, split
+from .formats import Conversation, Message, RecordError, _alpaca, _nonempty, _role_list, _string
+from .tokenize import Renderer, Sample
+
+PAIRED_STAGES = ("dpo", "ipo", "orpo", "simpo")
+PREF_FORMATS = ("trl", "alpaca", "sharegpt", "hh-rlhf", "kto")
+
+
+@dataclass
+class Preference:
+    """One prompt (a conversation ending with the user) and two replies, chosen better than rejected."""
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    source: str = ""
+
+
+@dataclass
+class Unpaired:
+    """KTO's record: one reply to a prompt, labelled desirable or not."""
+
+    prompt: list[Message]
+    completion: str
+    desirable: bool
+    source: str = ""
+
+
+@dataclass
+class PairSample:
+    chosen: Sample
+    rejected: Sample
+    source: str = ""
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+@dataclass
+class KTOSample:
+    sample: Sample
+    desirable: bool
+    kl: Sample | None = None
+    """The prompt with another record's completion: KTO's estimate of KL(policy || reference)."""
+    source: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.sample.input_ids)
+
+
+@dataclass
+class PreparedPreferences:
+    train: list
+    val: list
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+_OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def detect_preference_format(record: Any, where: str) -> str:
+    if not isinstance(record, dict):
+        raise RecordError(where, "record", f"expected a JSON object, got {type(record).__name__}")
+    if "label" in record or "completion" in record:
+        return "kto"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record:
+        return "trl"
+    if isinstance(record.get("chosen"), str) and "\n\nAssistant:" in record["chosen"]:
+        return "hh-rlhf"
+    if isinstance(record.get("chosen"), list):
+        return "trl"
+    raise RecordError(
+        where,
+        "record",
+        "expected a preference record: prompt/chosen/rejected (TRL), instruction/input/chosen/rejected "
+        "(alpaca), conversations + chosen/rejected (sharegpt), chosen/rejected HH-RLHF text with "
+        f"'\\n\\nHuman:'/'\\n\\nAssistant:' turns, or prompt/completion/label (KTO); got keys {sorted(record)}",
+    )
+
+
+def _prompt_messages(value: Any, where: str, key: str) -> list[Message]:
+    """A prompt: a string (the user's message) or a message list ending with the user."""
+    if isinstance(value, str):
+        return [Message("user", _nonempty(value, where, key))]
+    if not isinstance(value, list) or not value:
+        raise RecordError(where, key, "expected a string or a non-empty list of messages")
+    msgs = _messages(value, where, key)
+    turns = [m for m in msgs if m.role != "system"]
+    if not turns or turns[-1].role != "user":
+        raise RecordError(where, key, "expected the prompt to end with a user message")
+    _alternating(turns, where, key)
+    return msgs
+
+
+def _messages(items: list, where: str, key: str) -> list[Message]:
+    msgs = []
+    for i, m in enumerate(items):
+        f = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError(where, f, "expected an object with role and content")
+        role = m.get("role")
+        if role not in _OPENAI_ROLES:
+            raise RecordError(where, f"{f}.role", f"expected one of {sorted(_OPENAI_ROLES)}, got {role!r}")
+        text = m.get("content")
+        if not isinstance(text, str):
+            raise RecordError(where, f"{f}.content", f"expected a string, got {type(text).__name__}")
+        if role == "system" and i != 0:
+            raise RecordError(where, f"{f}.role", "a system message is only allowed first")
+        msgs.append(Message(role, text))
+    return msgs
+
+
+def _alternating(turns: list[Message], where: str, key: str) -> None:
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m.role != want:
+            raise RecordError(where, key, f"expected alternating user/assistant turns starting with user; turn {i} is {m.role}")
+
+
+def _reply(value: Any, where: str, key: str) -> str:
+    """A reply: a string, or a message list whose last message is the assistant's reply."""
+    if isinstance(value, str):
+        return _nonempty(value, where, key)
+    if isinstance(value, list) and value:
+        msgs = _messages(value, where, key)
+        if msgs[-1].role != "assistant":
+            raise RecordError(where, key, "expected the reply to end with an assistant message")
+        if len(msgs) > 1:
+            raise RecordError(where, key, "expected one assistant message when a prompt is given")
+        return _nonempty(msgs[-1].content, where, f"{key}[0].content")
+    raise RecordError(where, key, "expected a string or a list with one assistant message")
+
+
+def _implicit(record: dict, where: str) -> Preference:
+    """TRL's implicit-prompt form: two whole conversations that differ only in the last reply."""
+    convs = {}
+    for key in ("chosen", "rejected"):
+        v = record.get(key)
+        if not isinstance(v, list) or not v:
+            raise RecordError(where, key, "expected a non-empty list of messages (or give a prompt)")
+        msgs = _messages(v, where, key)
+        turns = [m for m in msgs if m.role != "system"]
+        _alternating(turns, where, key)
+        if turns[-1].role != "assistant":
+            raise RecordError(where, key, "expected the conversation to end with an assistant reply")
+        convs[key] = msgs
+    c, r = convs["chosen"], convs["rejected"]
+    if [(m.role, m.content) for m in c[:-1]] != [(m.role, m.content) for m in r[:-1]]:
+        raise RecordError(where, "chosen/rejected", "expected the same prompt (all messages before the last reply)")
+    return Preference(c[:-1], _nonempty(c[-1].content, where, "chosen"), _nonempty(r[-1].content, where, "rejected"), where)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(text: str, where: str, key: str) -> list[Message]:
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise RecordError(where, key, "expected the text to start with '\\n\\nHuman: '")
+    msgs = []
+    for speaker, body in zip(parts[1::2], parts[2::2]):
+        msgs.append(Message("user" if speaker == "Human" else "assistant", body))
+    if not msgs:
+        raise RecordError(where, key, "expected '\\n\\nHuman: …\\n\\nAssistant: …' turns")
+    if msgs[-1].role != "assistant":
+        raise RecordError(where, key, "expected the text to end with an '\\n\\nAssistant: ' reply")
+    _alternating(msgs, where, key)
+    return msgs
+
+
+def _hh(record: dict, where: str) -> Preference:
+    c = _hh_turns(_string(record, "chosen", where), where, "chosen")
+    r = _hh_turns(_string(record, "rejected", where), where, "rejected")
+    if [(m.role, m.content) for m in c[:-1]] != [(m.role, m.content) for m in r[:-1]]:
+        raise RecordError(where, "chosen/rejected", "expected the same dialogue before the last '\\n\\nAssistant: '")
+    return Preference(c[:-1], _nonempty(c[-1].content, where, "chosen"), _nonempty(r[-1].content, where, "rejected"), where)
+
+
+def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Unpaired:
+    """Convert one parsed record; raises RecordError naming the field and what was expected."""
+    if fmt == "auto":
+        fmt = detect_preference_format(record, where)
+    if not isinstance(record, dict):
+        raise RecordError(where, "record", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "kto":
+        label = record.get("label")
+        if not isinstance(label, bool):
+            raise RecordError(where, "label", f"expected true or false, got {label!r}")
+        prompt = _prompt_messages(record.get("prompt"), where, "prompt")
+        return Unpaired(prompt, _reply(record.get("completion"), where, "completion"), label, where)
+    if fmt == "alpaca":
+        r = dict(record)
+        r["output"] = "-"  # _alpaca's reply slot; the replies are chosen/rejected
+        prompt = _alpaca(r, where)[:-1]
+        return Preference(prompt, _reply(record.get("chosen"), where, "chosen"), _reply(record.get("rejected"), where, "rejected"), where)
+    if fmt == "sharegpt":
+        msgs = []
+        if isinstance(record.get("system"), str) and record["system"].strip():
+            msgs.append(Message("system", record["system"]))
+        conv = record.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise RecordError(where, "conversations", "expected a non-empty list of messages")
+        # _role_list wants a conversation ending with the assistant: validate with a stand-in reply.
+        full = _role_list(conv + [{"from": "gpt", "value": "-"}], where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        msgs += full[:-1]
+        replies = []
+        for key in ("chosen", "rejected"):
+            v = record.get(key)
+            if isinstance(v, dict):
+                if v.get("from") not in ("gpt", "assistant"):
+                    raise RecordError(where, f"{key}.from", f"expected 'gpt', got {v.get('from')!r}")
+                text = v.get("value")
+                if not isinstance(text, str):
+                    raise RecordError(where, f"{key}.value", f"expected a string, got {type(text).__name__}")
+                replies.append(_nonempty(text, where, f"{key}.value"))
+            elif isinstance(v, str):
+                replies.append(_nonempty(v, where, key))
+            else:
+                raise RecordError(where, key, 'expected {"from": "gpt", "value": "..."}')
+        return Preference(msgs, replies[0], replies[1], where)
+    if fmt == "hh-rlhf":
+        return _hh(record, where)
+    if fmt == "trl":
+        if "prompt" not in record:
+            return _implicit(record, where)
+        prompt = _prompt_messages(record.get("prompt"), where, "prompt")
+        return Preference(prompt, _reply(record.get("chosen"), where, "chosen"), _reply(record.get("rejected"), where, "rejected"), where)
+    raise RecordError(where, "format", f"expected one of {', '.join(PREF_FORMATS)}, got {fmt!r}")
+
+
+def _key(prompt: list[Message], *replies: str) -> tuple:
+    return tuple((m.role, " ".join(m.content.split()), " ".join(m.context.split())) for m in prompt) + tuple(
+        " ".join(r.split()) for r in replies
+    )
+
+
+@dataclass
+class LoadedPreferences:
+    records: list
+    rejects: list[dict] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def load_preferences(
+    sources: list[Source], stage: str, on_bad_record: str = "error", dedup: bool = True, seed: int = 42
+) -> LoadedPreferences:
+    """Read every source, convert records, drop duplicates, apply weights (seeded).
+
+    ``stage`` ``kto`` takes unpaired records, and paired ones split into a desirable and an
+    undesirable record (as TRL's ``unpair_preference_dataset``); the paired stages need pairs.
+    """
+    if not sources:
+        raise DataError("no data: set data_path (a file, folder or hub id)")
+    out = LoadedPreferences([])
+    seen: set = set()
+    rng = random.Random(seed)
+    fmt_names = {"auto": "auto", "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "trl"}
+    for src in sources:
+        items = []
+        for where, record in iter_records(src.path):
+            try:
+                rec = to_preference(record, where, fmt_names.get(src.format, src.format))
+                if isinstance(rec, Unpaired) and stage != "kto":
+                    raise RecordError(
+                        where, "record", f"expected a chosen/rejected pair for stage {stage}; prompt/completion/label records are for stage kto"
+                    )
+            except RecordError as e:
+                if on_bad_record == "error":
+                    raise DataError(str(e)) from None
+                out.rejects.append({"where": where, "error": str(e), "record": record})
+                continue
+            recs = [rec]
+            if isinstance(rec, Preference) and stage == "kto":
+                recs = [Unpaired(rec.prompt, rec.chosen, True, where), Unpaired(rec.prompt, rec.rejected, False, where)]
+            for r in recs:
+                if dedup:
+                    key = _key(r.prompt, r.chosen, r.rejected) if isinstance(r, Preference) else _key(r.prompt, r.completion, str(r.desirable))
+                    if key in seen:
+                        out.duplicates += 1
+                        continue
+                    seen.add(key)
+                items.append(r)
+        if not items and not out.rejects:
+            raise DataError(f"{src.path}: no records found")
+        whole, frac = int(src.weight), src.weight - int(src.weight)
+        picked = items * whole
+        if frac:
+            picked += rng.sample(items, round(len(items) * frac))
+        out.records += picked
+    return out
+
+
+def render_reply(renderer: Renderer, prompt: list[Message], reply: str, source: str = "") -> Sample | None:
+    """``prompt`` + the assistant's ``reply`` tokenized as SFT does; only the reply (and its end) trained."""
+    return renderer.render(Conversation(list(prompt) + [Message("assistant", reply)], source=source))
+
+
+def prepare_preferences(
+    renderer: Renderer,
+    sources: list[Source],
+    stage: str,
+    *,
+    val_size: float = 0.0,
+    seed: int = 42,
+    dedup: bool = True,
+    on_bad_record: str = "error",
+    max_samples: int | None = None,
+    rejects_path: str | None = None,
+    progress: bool = True,
+) -> PreparedPreferences:
+    """From data sources to tokenized pairs (or KTO samples), split into train/validation, with statistics.
+
+    ``renderer`` must train only the final reply (``mask="last"``).
+    """
+    loaded = load_preferences(sources, stage, on_bad_record, dedup, seed)
+    if loaded.rejects:
+        if rejects_path:
+            Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(rejects_path, "w", encoding="utf-8") as f:
+                for r in loaded.rejects:
+                    f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        print(f"skipped {len(loaded.rejects)} bad records" + (f" (written to {rejects_path})" if rejects_path else ""))
+    samples: list = []
+    kto_pairs: list[tuple[KTOSample, Unpaired]] = []
+    dropped = truncated = 0
+    for rec in tqdm(loaded.records, desc="tokenizing pairs", disable=not progress, leave=False):
+        if isinstance(rec, Preference):
+            c = render_reply(renderer, rec.prompt, rec.chosen, rec.source)
+            r = render_reply(renderer, rec.prompt, rec.rejected, rec.source)
+            if c is None or r is None or not c.trained or not r.trained:
+                dropped += 1
+                continue
+            truncated += c.truncated or r.truncated
+            samples.append(PairSample(c, r, rec.source))
+        else:
+            s = render_reply(renderer, rec.prompt, rec.completion, rec.source)
+            if s is None or not s.trained:
+                dropped += 1
+                continue
+            truncated += s.truncated
+            samples.append(KTOSample(s, rec.desirable, None, rec.source))
+            kto_pairs.append((samples[-1], rec))
+    if not samples:
+        raise DataError("no trainable preference samples left after tokenization (all dropped or empty)")
+    if stage == "kto":
+        if len(samples) < 2:
+            raise DataError("stage kto needs at least 2 records (its KL estimate pairs each prompt with another completion)")
+        _attach_kl(renderer, kto_pairs, seed)
+    train, val = split(samples, val_size, seed)
+    if max_samples:
+        train = train[:max_samples]
+    stats: dict[str, Any] = {
+        "records": len(loaded.records),
+        "duplicates_removed": loaded.duplicates,
+        "rejected": len(loaded.rejects),
+        "truncated": truncated,
+        "dropped": dropped,
+    }
+    if stage == "kto":
+        stats["train_desirable"] = sum(s.desirable for s in train)
+        stats["train_undesirable"] = sum(not s.desirable for s in train)
+    else:
+        stats["train_pairs"] = len(train)
+    stats["val_samples"] = len(val)
+    stats["max_len"] = max((s.length for s in train), default=0)
+    stats["trained_tokens"] = sum(_trained(s) for s in train)
+    return PreparedPreferences(train, val, stats)
+
+
+def _trained(s) -> int:
+    if isinstance(s, PairSample):
+        return s.chosen.trained + s.rejected.trained
+    return s.sample.trained
+
+
+def _attach_kl(renderer: Renderer, pairs: list[tuple[KTOSample, Unpaired]], seed: int) -> None:
+    """Give each KTO sample a mismatched (prompt, completion): its prompt with another record's reply.
+
+    TRL builds the same estimate by shifting completions by one within a batch; here the pairing
+    is fixed per dataset (a seeded cycle), so the reference side is computed once and a resumed or
+    multi-process run sees the same pairs.
+    """
+    order = list(range(len(pairs)))
+    random.Random(seed + 7).shuffle(order)
+    for k, i in enumerate(order):
+        sample, rec = pairs[i]
+        other = pairs[order[(k + 1) % len(order)]][1]
+        kl = render_reply(renderer, rec.prompt, other.completion, rec.source)
+        sample.kl = kl if kl is not None else sample.sample
