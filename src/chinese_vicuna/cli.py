@@ -31,6 +31,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train.sft import run_training
 
     cfg = load_config(args.config, extra)
+    if cfg.train.launcher == "ray":
+        from .train.launch_ray import run_ray
+
+        print(f"adapter written to {run_ray(cfg)}")
+        return 0
     trainer = run_training(cfg)
     if trainer.accelerator.is_main_process and getattr(trainer, "stopped_at", None):
         print(f"stopped at step {trainer.stopped_at}; checkpoint in {cfg.train.output_dir} "

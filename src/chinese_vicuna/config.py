@@ -155,6 +155,11 @@ class TrainArgs:
     Train's TorchTrainer on num_workers workers of the cluster ``RAY_ADDRESS`` names (else a local one)."""
     num_workers: int = 2
     """Workers for ``launcher: ray`` (GPUs are used when the cluster has one per worker)."""
+    launcher: Literal["local", "ray"] = "local"
+    """``local``: this process (under ``torchrun``/``accelerate launch`` for DDP, FSDP, DeepSpeed); ``ray``: Ray
+    Train's TorchTrainer on num_workers workers of the cluster ``RAY_ADDRESS`` names (else a local one)."""
+    num_workers: int = 2
+    """Workers for ``launcher: ray`` (GPUs are used when the cluster has one per worker)."""
     gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
     ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""

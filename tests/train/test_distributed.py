@@ -1,0 +1,203 @@
+"""The distributed engines, each run for real on this CPU where it can run (tiny model, seconds per run).
+
+Every multi-process run is compared with a 1-process run of the same global batch: the same losses
+and the same adapter (the DDP test in test_sft.py is the model for these).
+"""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_jsonl
+from safetensors.torch import load_file
+
+from chinese_vicuna.config import load_config
+from chinese_vicuna.train.sft import SFTTrainer, run_training
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = dict(max_steps=2, lora_dropout=0.0, micro_batch_size=1, batch_size=4, cutoff_len=128)
+
+
+def flags(base, data, out, **kw):
+    args = dict(
+        base_model=base, data_path=data, output_dir=out, learning_rate=5e-3, lora_r=4, lora_alpha=8,
+        logging_steps=1, report_to="none", seed=7, save_steps=1000, eval_steps=1000, group_by_length="false",
+        dtype="float32", **COMMON,
+    )
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def losses(out_dir):
+    with open(Path(out_dir) / "metrics.csv") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
+
+
+def adapter(out_dir):
+    return load_file(str(Path(out_dir) / "adapter_model.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [{"instruction": f"问题{i}：{'天空为什么是蓝色的' if i % 2 else '一加一等于几'}？", "input": "",
+             "output": "【答】" + "这是因为阳光被散射。" * ((i * 7) % 9) + "希望对你有帮助！"} for i in range(24)]
+    return write_jsonl(tmp_path / "varied.jsonl", rows)
+
+
+@pytest.fixture
+def one_process(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "one"
+    run_training(load_config(None, flags(tiny_model_dir, data, out)), progress_bar=False)
+    return out
+
+
+def assert_same_run(a_dir, b_dir):
+    la, lb = losses(a_dir), losses(b_dir)
+    assert sorted(la) == sorted(lb) == [1, 2]
+    for k in la:
+        assert abs(la[k] - lb[k]) < 1e-5, (k, la[k], lb[k])
+    a, b = adapter(a_dir), adapter(b_dir)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed
+def test_deepspeed_engine_boundary_only_on_the_last_micro_batch(tiny_model_dir, data, tmp_path):
+    """accelerate's DeepSpeed wrapper marks a gradient-accumulation boundary, and steps the engine, in every
+    backward() where ``sync_gradients`` is set: it must be set on the step's last micro-batch only, so one
+    optimizer step consumes batch_size samples (it used to be set on every micro-batch)."""
+    t = SFTTrainer(load_config(None, flags(tiny_model_dir, data, tmp_path / "ds")), progress_bar=False).setup()
+    acc = t.accelerator
+    seen = []
+    real = acc.backward
+
+    def spy(loss, **kw):
+        seen.append(acc.sync_gradients)
+        return real(loss, **kw)
+
+    acc.backward = spy
+    t.train()
+    assert seen == [False, False, False, True] * 2  # 4 micro-batches per step, 2 steps
+
+
+DS_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 2
+  gradient_accumulation_steps: 1
+  gradient_clipping: 1.0
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: false
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, data, tmp_path, one_process):
+    """DeepSpeed ZeRO-2 on DeepSpeed's CPU accelerator (gloo), 2 processes: the 1-process run's adapter."""
+    pytest.importorskip("deepspeed")
+    cfg = tmp_path / "ds.yaml"
+    cfg.write_text(DS_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
+           str(free_port()), "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, tmp_path / "ds")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DeepSpeed" in proc.stdout + proc.stderr
+    assert_same_run(one_process, tmp_path / "ds")
+
+
+# ---------------------------------------------------------------------------------------------- FSDP
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_reshard_after_forward: true
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tiny_model_dir, data, tmp_path, one_process):
+    """accelerate's FSDP2 config on CPU (gloo), 2 processes: the 1-process run's adapter."""
+    cfg = tmp_path / "fsdp.yaml"
+    cfg.write_text(FSDP_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
+           str(free_port()), "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "engine: FSDP" in proc.stdout
+    assert_same_run(one_process, tmp_path / "fsdp")
+
+
+# ------------------------------------------------------------------------------------------ multi-node
+@pytest.mark.slow
+def test_multinode_two_nodes_c10d_match_one(tiny_model_dir, data, tmp_path, one_process):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice on the loopback with a c10d rendezvous (two
+    'nodes' on this machine): the same adapter as one process."""
+    port = free_port()
+    out = tmp_path / "multinode"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cv-test",
+               "--node-rank", str(node),
+               "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, out)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                                      cwd=ROOT))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-4000:]
+    assert_same_run(one_process, out)
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+@pytest.mark.slow
+def test_ray_two_workers_match_one(tiny_model_dir, data, tmp_path, one_process):
+    """``train --launcher ray --num_workers 2`` on a local 2-worker Ray cluster (CPU, gloo): DDP's adapter."""
+    pytest.importorskip("ray.train")
+    out = tmp_path / "ray"
+    code = textwrap.dedent("""
+        import sys
+        import ray
+        ray.init(num_cpus=2, include_dashboard=False)
+        from chinese_vicuna.cli import main
+        sys.exit(main(["train", *sys.argv[1:]]))
+    """)
+    cmd = [sys.executable, "-c", code, *flags(tiny_model_dir, data, out, launcher="ray", num_workers=2)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert f"adapter written to {out}" in proc.stdout
+    assert_same_run(one_process, out)
