@@ -218,6 +218,13 @@ def test_pissa_checkpoint_merges_in_memory_and_refuses_streaming(runs, tiny_mode
     torch.testing.assert_close(logits(merged.double()), trained_logits64(runs["pissa"]), rtol=0, atol=MERGE_ATOL)
     with pytest.raises(ConfigError, match="training form.*final adapter"):
         merge_adapters(str(tiny_model_dir), [str(ckpt)], tmp_path / "s", low_memory=True)
+    # a LoftQ adapter fits the dequantized 4-bit base peft rebuilds on load: never streamed onto the original
+    loftq = tmp_path / "loftq"
+    shutil.copytree(Path(runs["gaussian"].cfg.train.output_dir) / "checkpoint-4", loftq)
+    cfg = json.loads((loftq / "adapter_config.json").read_text())
+    (loftq / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "loftq"}))
+    with pytest.raises(ConfigError, match="loftq adapter in training form"):
+        merge_adapters(str(tiny_model_dir), [str(loftq)], tmp_path / "q", low_memory=True)
     niter = Path(runs["pissa_niter"].cfg.train.output_dir) / "checkpoint-4"
     with pytest.raises(ModelLoadError, match="randomized SVD"):
         merge_adapters(str(tiny_model_dir), [str(niter)], tmp_path / "n")

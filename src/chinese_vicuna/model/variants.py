@@ -14,6 +14,10 @@ the final adapter is written through peft's ``path_initial_model_for_weight_conv
 equivalent plain LoRA of twice the rank (``[B | -B0] [A ; A0]``), which any peft user loads on the
 original base. Checkpoints keep the training form (rank ``r``, ``init_lora_weights`` recorded):
 resuming re-runs the same deterministic initialisation on the original base and loads ``A``/``B``.
+
+LoftQ (peft 0.21 runs it on CUDA only) fits the adapter to the base's 4-bit quantization error and
+replaces the base weights by their dequantized 4-bit copy; the adapter records ``init_lora_weights:
+loftq``, so peft's loading redoes that replacement. Not exercised on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def init_lora_weights(lora_init: str = "default", pissa_niter: int = 0) -> bool 
 def is_mutating(init: bool | str | None) -> bool:
     """True for peft ``init_lora_weights`` values that rewrite the base weights (PiSSA, OLoRA)."""
     return str(init).lower().startswith(MUTATING_INITS)
+
+
+def rebuilds_base(init: bool | str | None) -> bool:
+    """An adapter whose base is rewritten when peft loads it: PiSSA/OLoRA in training form, LoftQ
+    (the base becomes its 4-bit dequantized copy). peft rebuilds that base on load; a weight-by-weight
+    merge cannot."""
+    return is_mutating(init) or str(init).lower() == "loftq"
 
 
 def variant_kwargs(*, use_dora: bool = False, use_rslora: bool = False, lora_init: str = "default",

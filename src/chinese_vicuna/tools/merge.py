@@ -152,7 +152,7 @@ def read_adapter(folder: str) -> AdapterWeights:
     from ..model.adapters import read_adapter_state
 
     cfg = adapter_config(folder)
-    from ..model.variants import is_mutating
+    from ..model.variants import rebuilds_base
 
     unsupported = [k for k in ("lora_bias",) if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
@@ -160,11 +160,11 @@ def read_adapter(folder: str) -> AdapterWeights:
             f"{folder}: {cfg.get('peft_type')} {' '.join(unsupported)} adapters are not supported by --low-memory; "
             "merge without --low-memory (peft's merge_and_unload handles them)"
         )
-    if is_mutating(cfg.get("init_lora_weights")):
+    if rebuilds_base(cfg.get("init_lora_weights")):
         raise ConfigError(
-            f"{folder}: a {cfg['init_lora_weights']} adapter in training form (a checkpoint: it fits the residual base "
-            "its initialisation left, not the original one); merge it without --low-memory, or merge the run's "
-            "final adapter, which is saved as plain LoRA"
+            f"{folder}: a {cfg['init_lora_weights']} adapter in training form (it fits the base its initialisation "
+            "left, not the original one); merge it without --low-memory (peft rebuilds that base), or, for "
+            "PiSSA/OLoRA, merge the run's final adapter, which is saved as plain LoRA"
         )
     state = read_adapter_state(folder)
     out = AdapterWeights(folder)
