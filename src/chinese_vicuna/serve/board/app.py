@@ -162,7 +162,7 @@ class Board:
         """The memory planner's estimate when ``chinese-vicuna plan`` exists (its CLI, as a user runs it)."""
         if importlib.util.find_spec("chinese_vicuna.train.plan") is None:
             return []
-        cmd = [sys.executable, "-m", "chinese_vicuna", "plan", "--quantization", quantization]
+        cmd = [sys.executable, "-m", "chinese_vicuna", "plan", "--assume-full", "--quantization", quantization]
         cmd += ["--base_model", base] if base else []
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.workdir)
@@ -485,7 +485,7 @@ def _field(spec: FieldSpec):
         return gr.Dropdown(list(spec.choices), value=spec.default_text, **common)
     if spec.kind == "bool":
         return gr.Checkbox(value=spec.default_text, **common)
-    if spec.kind in ("int", "float"):
+    if spec.kind in ("int", "float") and not spec.optional:
         return gr.Number(value=spec.default_text, precision=0 if spec.kind == "int" else None, **common)
     return gr.Textbox(value=spec.default_text, lines=1, **common)
 

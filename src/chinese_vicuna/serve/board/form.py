@@ -78,20 +78,22 @@ def to_widget(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "bool":
         return bool(value)
     if spec.kind in ("int", "float"):
-        return value
+        # an optional number is a text box: empty means None (a number field cannot be empty)
+        return ("" if value is None else str(value)) if spec.optional else value
     if value is None:
         return "" if spec.kind == "text" else None
     return value
 
 
 def _same(spec: FieldSpec, value: Any) -> bool:
-    default = spec.default_text
-    if spec.kind in ("int", "float") and value is not None and default is not None:
+    default = "" if spec.default_text is None else spec.default_text
+    value = "" if value is None else value
+    if spec.kind in ("int", "float") and value != "" and default != "":
         try:
             return float(value) == float(default)
         except (TypeError, ValueError):
             return False
-    return (value if value is not None else "") == (default if default is not None else "")
+    return value == default
 
 
 def _flag_value(spec: FieldSpec, value: Any) -> str:
