@@ -22,6 +22,7 @@ loftq``, so peft's loading redoes that replacement. Not exercised on a CPU-only 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -109,6 +110,15 @@ class InitialAdapter:
         self._tmp = tempfile.TemporaryDirectory(prefix="chinese-vicuna-init-")
         self.path = str(Path(self._tmp.name) / INITIAL_ADAPTER)
         model.save_pretrained(self.path)
+
+    def save_converted(self, model, folder: str | os.PathLike) -> None:
+        """Save ``model``'s trained adapter as the equivalent plain LoRA (rank 2r) for the original base."""
+        import warnings
+
+        with warnings.catch_warnings():
+            # peft warns that a PiSSA/OLoRA adapter should be converted while it loads the initial one to do so
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+            model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=self.path)
 
 
 def keep_initial_adapter(model, main_process: bool = True) -> InitialAdapter | None:

@@ -467,7 +467,7 @@ class SFTTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             if getattr(self, "initial_adapter", None):  # PiSSA/OLoRA: the equivalent plain LoRA (rank 2r)
-                model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=self.initial_adapter.path)
+                self.initial_adapter.save_converted(model, tmp)
             else:
                 model.save_pretrained(str(tmp))
             # The trained template as the folder's own chat template: vLLM and transformers users
