@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from chinese_vicuna.generation import decode
-from chinese_vicuna.generation.constrain import Constraint, ConstraintError, Tool, parse_tool_calls
+from chinese_vicuna.generation.constrain import (
+    Constraint,
+    ConstraintError,
+    Tool,
+    parse_tool_calls,
+    render_call,
+    tool_prompt,
+)
 from chinese_vicuna.generation.decode import GenArgs, TextStream, iter_steps
 
 PROMPT = [17, 250, 4093, 198, 15076, 229, 20887]
@@ -106,3 +113,17 @@ def test_chunked_prefill_equals_whole_and_cancels(tiny_model, tokenizer, monkeyp
     s = TextStream(tiny_model, tokenizer, prompt, GenArgs(max_new_tokens=8), cancel=lambda: True)
     assert s.run() == "" and s.finish_reason == "cancelled"
     assert len(forwards) == 1  # a client that left stops the prefill after one chunk of 9
+
+
+def test_tool_prompt_and_call_round_trip():
+    tools = (Tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}}, "查询天气"),)
+    prompt = tool_prompt(tools)
+    assert '{"name": "get_weather", "description": "查询天气", "parameters": {"type": "object"' in prompt
+    assert '<tool_call>{"name":"NAME","arguments":{...}}</tool_call>' in prompt
+    text = render_call("get_weather", {"city": "北京"}) + "\n" + render_call("time", {})
+    assert text == '<tool_call>{"name":"get_weather","arguments":{"city":"北京"}}</tool_call>\n' \
+                   '<tool_call>{"name":"time","arguments":{}}</tool_call>'
+    assert parse_tool_calls("好的 " + text) == ("好的", [{"name": "get_weather", "arguments": {"city": "北京"}},
+                                                       {"name": "time", "arguments": {}}])
+    assert parse_tool_calls("no calls") is None and parse_tool_calls("<tool_call>{broken") is None
+    assert parse_tool_calls(text + '<tool_call>{"name":"cut')[1] == parse_tool_calls(text)[1]  # cut by max_tokens

@@ -60,11 +60,28 @@ class Constraint:
         return self.schema if self.schema is not None else {"type": "object"}
 
 
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` wherever an object lists ``properties`` and says nothing.
+
+    Undeclared keys are valid JSON-schema-wise, but a grammar that allows them lets a weak model
+    invent keys until ``max_tokens``; emitting only the declared ones still validates (and is what
+    OpenAI's strict mode requires anyway).
+    """
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("const", "enum", "default", "examples") else closed(v)) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _lark(c: Constraint) -> str:
     """The llguidance grammar text of a constraint (Lark syntax with ``%json`` for schema parts)."""
     if c.kind == "json":
-        return _matcher_cls().grammar_from_json_schema(c.json_schema(), defaults=_COMPACT)
-    schema = json.dumps({"x-guidance": _COMPACT, **c.call_schema()}, ensure_ascii=False)
+        return _matcher_cls().grammar_from_json_schema(closed(c.json_schema()), defaults=_COMPACT)
+    schema = json.dumps({"x-guidance": _COMPACT, **closed(c.call_schema())}, ensure_ascii=False)
     # at most two whitespace characters around calls: a weak model must not loop on blanks
     calls = r"calls: /\s{0,2}/ call (/\s{0,2}/ call)*" if c.parallel else r"calls: /\s{0,2}/ call"
     start = "start: calls" if c.required else "start: TEXT | calls"
@@ -136,18 +153,24 @@ class Matcher:
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]] | None:
-    """``(text before the calls, [{"name", "arguments"}...])`` if the reply is tool calls, else None."""
+    """``(text before the calls, [{"name", "arguments"}...])`` if the reply is tool calls, else None.
+
+    A last call cut off by ``max_tokens`` is dropped when complete ones precede it.
+    """
     if CALL_OPEN not in text:
         return None
     head, _, rest = text.partition(CALL_OPEN)
+    pieces = (CALL_OPEN + rest).split(CALL_OPEN)[1:]
     calls = []
-    for piece in (CALL_OPEN + rest).split(CALL_OPEN)[1:]:
-        body = piece.split(CALL_CLOSE, 1)[0]
+    for k, piece in enumerate(pieces):
+        body, closed_, _ = piece.partition(CALL_CLOSE)
         try:
-            obj = json.loads(body)
+            obj = json.loads(body) if closed_ else None
         except ValueError:
-            return None
+            obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            if k == len(pieces) - 1 and calls:
+                break
             return None
         calls.append({"name": obj["name"], "arguments": obj.get("arguments", {})})
     return head.strip(), calls
@@ -165,7 +188,7 @@ TOOL_PROMPT = (
 def tool_prompt(tools: tuple[Tool, ...]) -> str:
     lines = [json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
                         ensure_ascii=False) for t in tools]
-    return TOOL_PROMPT.format(tools="\n".join(lines))
+    return TOOL_PROMPT.replace("{tools}", "\n".join(lines))
 
 
 def render_call(name: str, arguments: Any) -> str:
