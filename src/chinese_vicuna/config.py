@@ -155,11 +155,6 @@ class TrainArgs:
     Train's TorchTrainer on num_workers workers of the cluster ``RAY_ADDRESS`` names (else a local one)."""
     num_workers: int = 2
     """Workers for ``launcher: ray`` (GPUs are used when the cluster has one per worker)."""
-    launcher: Literal["local", "ray"] = "local"
-    """``local``: this process (under ``torchrun``/``accelerate launch`` for DDP, FSDP, DeepSpeed); ``ray``: Ray
-    Train's TorchTrainer on num_workers workers of the cluster ``RAY_ADDRESS`` names (else a local one)."""
-    num_workers: int = 2
-    """Workers for ``launcher: ray`` (GPUs are used when the cluster has one per worker)."""
     gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
     ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""
@@ -380,6 +375,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"pref_beta: expected > 0, got {pr.pref_beta}")
     if pr.ref_adapter and pr.stage not in ("dpo", "ipo", "kto"):
         raise ConfigError(f"ref_adapter: only dpo, ipo and kto use a reference model, not stage {pr.stage}")
+    if pr.ref_adapter and lo.lora_init in ("pissa", "olora"):
+        raise ConfigError(f"ref_adapter: cannot be loaded onto the residual base that lora_init: {lo.lora_init} trains; "
+                          "leave ref_adapter unset (the reference is then the original model)")
     if pr.ref_adapter and lo.finetuning != "lora":
         raise ConfigError("ref_adapter: needs finetuning: lora (the reference is the base with that adapter)")
     t.gradient_checkpointing = str(t.gradient_checkpointing).lower()

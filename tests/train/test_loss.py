@@ -91,3 +91,32 @@ def test_plain_linear_head_takes_the_fused_path_and_others_do_not(tiny_model):
         pass
 
     assert not loss_mod._fusable(Wrapped(tiny_model.config.hidden_size, 10, bias=False), h)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_per_sequence_logprobs_and_their_gradients(tiny_model, train_head, chunk):
+    """Preference losses need log p(reply) per sequence: fused (frozen head) and unfused (trained head) paths."""
+    b = batch(seed=4, n=4)
+    tiny_model.double()  # float64 model: what is left is the fused path's fp32 softmax
+    tiny_model.requires_grad_(True)
+    tiny_model.lm_head.weight.requires_grad_(train_head)
+    weights = torch.tensor([0.7, -1.3, 2.0, 0.4], dtype=torch.float64)  # an arbitrary upstream gradient per sequence
+
+    logits = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    t = b["labels"][:, 1:]
+    keep = t != IGNORE
+    per_tok = logits.log_softmax(-1).gather(2, t.clamp(min=0)[..., None])[..., 0] * keep
+    want = per_tok.sum(1)
+    (want * weights).sum().backward()
+    ref = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    tiny_model.zero_grad()
+
+    got, n = CausalLMLoss(tiny_model, chunk_size=chunk)(**b, per_sequence=True)
+    assert n.tolist() == keep.sum(1).tolist()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # the sums are kept in fp32
+    (got.double() * weights).sum().backward()
+    assert ("lm_head.weight" in ref) == train_head
+    for name, g in ref.items():
+        err = (dict(tiny_model.named_parameters())[name].grad - g).norm() / g.norm()
+        assert err < 1e-6, (name, float(err))

@@ -293,3 +293,39 @@ def test_demo_config_with_the_bundled_pairs(stage, tmp_path):
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     rows = metrics(out)
     assert len(rows) == 2 and "rewards/chosen" in rows[0]
+
+
+def test_ref_adapter_is_the_reference_and_leaves_the_trained_adapter_alone(tiny_model_dir, tiny_adapter_dir, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, overrides(tiny_model_dir, pairs_file, tmp_path / "run", stage="dpo", max_steps=2,
+                                      ref_adapter=tiny_adapter_dir, lora_target_modules="q_proj,v_proj"))
+    trainer = run_training(cfg, progress_bar=False)
+    model = trainer.accelerator.unwrap_model(trainer.wrapper).model
+    assert list(model.peft_config) == ["default"]  # the reference adapter was only borrowed
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(".default." in n and ("lora_A" in n or "lora_B" in n) for n in trainable)
+    assert all(("q_proj" in n or "v_proj" in n) for n in trainable)
+    ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tiny_adapter_dir)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    s = trainer.data.train[0]
+    assert s.ref[0] == pytest.approx(plain_logps(ref_model, s.chosen), abs=2e-4)
+    assert abs(s.ref[0] - plain_logps(base, s.chosen)) > 1e-2  # and it is not the bare base
+
+
+def test_pissa_reference_is_the_original_model(tiny_model_dir, pairs_file, tmp_path):
+    """PiSSA subtracts the adapter's start from the base: the reference must still be the original model."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, overrides(tiny_model_dir, pairs_file, tmp_path / "run", stage="dpo", max_steps=1,
+                                      lora_init="pissa", lora_target_modules="q_proj,v_proj", lora_dropout=0.0))
+    trainer = run_training(cfg, progress_bar=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for s in trainer.data.train[:3]:
+        assert s.ref[0] == pytest.approx(plain_logps(base, s.chosen), abs=5e-4)
+        assert s.ref[1] == pytest.approx(plain_logps(base, s.rejected), abs=5e-4)
+    # policy == reference at the start (no dropout: PiSSA's adapter is not zero at initialisation)
+    assert trainer.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    with pytest.raises(ConfigError, match="ref_adapter: cannot be loaded onto the residual base"):
+        load_config(None, ["--stage", "dpo", "--lora_init", "pissa", "--ref_adapter", "x"])

@@ -212,6 +212,12 @@ class PreferenceObjective:
         if ref:
             return _RefAdapter(model, ref)
         if hasattr(model, "disable_adapter"):
+            from ..model.variants import is_mutating
+
+            if is_mutating(model.peft_config[model.active_adapter].init_lora_weights):
+                # PiSSA/OLoRA moved the adapter's initial product out of the base weights: the original
+                # model is the residual base plus the adapter as initialised, i.e. the model before any update
+                return contextlib.nullcontext()
             return model.disable_adapter()
         return contextlib.nullcontext()  # full fine-tuning: called before any update, the weights are the initial ones
 
