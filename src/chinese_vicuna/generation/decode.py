@@ -172,9 +172,10 @@ def cache_kwarg() -> str:
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-def _forward(model, ids, mask, pos, cache) -> torch.Tensor:
+def _forward(model, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kwarg(): cache}
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+        **{cache_kwarg(): cache}, **kwargs,
     )
     return out.logits[:, -1, :].float()
 

@@ -31,6 +31,8 @@ class Engine:
     """Names of the loaded adapters; ``None``/"base" selects the bare base model."""
     name: str = "base"
     lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: object | None = None
+    """A ``batch.Batcher`` once ``enable_batching`` ran: greedy/sampled requests then decode together."""
 
     def __post_init__(self):
         # A template whose replies end with their own marker (<|eot_id|>, <|im_end|>) that is not
@@ -127,6 +129,20 @@ class Engine:
                 out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
         return out, total
 
+    def enable_batching(self, max_batch: int) -> bool:
+        """Decode concurrent ``stream`` calls together (continuous batching); False if this model can't.
+
+        Models with sliding-window attention are left serial: the merged cache is a plain one.
+        """
+        cfg = self.model.config
+        if max_batch < 2 or getattr(cfg, "sliding_window", None) or "sliding_attention" in (
+                getattr(cfg, "layer_types", None) or []):
+            return False
+        from .batch import Batcher
+
+        self.batcher = Batcher(self, max_batch)
+        return True
+
     def select(self, adapter: str | None) -> None:
         """Activate an adapter by name; ``None`` or the base name runs the bare base model."""
         if not self.adapters:
@@ -154,6 +170,12 @@ class Engine:
         """A TextStream for the reply. Iterate it while holding ``engine.lock`` (see ``generate``)."""
         ids = conv if isinstance(conv, list) else self.prompt_ids(conv, template)
         stops = tuple((template or self.template).stop_strings) + tuple(stop_strings)
+        if self.batcher is not None and gen.num_beams == 1:
+            if adapter not in (None, self.name, "base") and adapter not in self.adapters:
+                raise KeyError(adapter)
+            batcher = self.batcher
+            return TextStream(self.model, self.tokenizer, ids, gen, stops, cancel,
+                              steps=lambda: batcher.steps(ids, gen, adapter, cancel))
         return _LockedStream(self, adapter, self.model, self.tokenizer, ids, gen, stops, cancel, self._steps(ids, gen))
 
     def _steps(self, ids: list[int], gen: GenArgs):
@@ -214,6 +236,9 @@ class LlamaCppEngine(Engine):
     @property
     def vocab_size(self) -> int:
         return int(self.model.llm.n_vocab())
+
+    def enable_batching(self, max_batch: int) -> bool:
+        return False  # llama-cpp-python's Llama decodes one sequence at a time
 
     def eos_ids(self) -> list[int]:
         return self.model.eog_ids()

@@ -39,7 +39,8 @@ def register(subparsers, groups) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV})")
     p.add_argument("--max-concurrency", type=_positive, default=None,
-                   help="requests generating at once (hf default 1: the model is shared; vllm: --max-num-seqs)")
+                   help="requests generating at once, decoded together in one batch (hf default 8; llama.cpp: "
+                   "one at a time; vllm: --max-num-seqs)")
     p.add_argument("--max-queue", type=_positive, default=64,
                    help="requests waiting for a slot; beyond that the server answers 429 at once")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
@@ -182,7 +183,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
     engine = load_backend(args)
     origins = [o.strip() for o in (args.cors_origins or "").split(",") if o.strip()]
-    app = create_app(engine, api_key=api_key, max_concurrency=args.max_concurrency or 1, max_queue=args.max_queue,
+    concurrency = args.max_concurrency or (8 if args.backend == "hf" else 1)
+    app = create_app(engine, api_key=api_key, max_concurrency=concurrency, max_queue=args.max_queue,
                      cors_origins=origins)
     if not _is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",

@@ -13,8 +13,8 @@ that goes away -- while queued, while streaming, or while waiting for a non-stre
 sets its job's cancel flag: the token loop stops within one token, and the slot is freed when the
 worker thread returns, never earlier, so the next request does not queue behind a ghost.
 
-Requests are not batched together: rows of a left-padded batch do not give bit-identical greedy
-results to a single run, and every request may pick its own adapter, stops and sampling.
+With ``max_concurrency`` > 1 the HF engine batches the generating requests continuously
+(``generation.batch``): each keeps its own adapter, stops, sampling settings and grammar.
 """
 
 from __future__ import annotations
@@ -441,6 +441,8 @@ def create_app(
     """
     server = Server(engine, api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
                     max_body_bytes=max_body_bytes)
+    if max_concurrency > 1 and engine.batcher is None:
+        engine.enable_batching(max_concurrency)  # concurrent requests decode together
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
