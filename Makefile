@@ -43,6 +43,7 @@ test-all: install
 bench: install
 	$(BIN)/python benchmarks/bench_infer.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_plan.py
 	$(BIN)/python benchmarks/bench_train.py
 
 lint:

@@ -43,9 +43,16 @@ KNOWN_SHAPES = {
     "llama-65b": dict(hidden=8192, intermediate=22016, layers=80, heads=64, kv_heads=64, vocab=32000, context=2048),
 }
 
-# Measured on the CPU (benchmarks/bench_plan.py): resident size of a training process before the
-# model is loaded (Python + torch + transformers + peft + accelerate + tokenizer).
-CPU_BASE_MIB = 560
+# Fitted to the trainer's measured peaks on the CPU (benchmarks/bench_plan.py, SmolLM2 LoRA at cutoff 256
+# and 2048, checkpointing off and on): resident size of the process before the model is loaded (Python,
+# torch, transformers, peft, accelerate, tokenizer), and what training adds besides tensors (data, autograd).
+CPU_BASE_MIB = 450
+CPU_TRAIN_MIB = 110
+# Kept activations come out 9% above the tensors counted below (masks, views kept alive, allocator
+# rounding); a layer's backward needs about 5.7x its attention probabilities at once (their gradient,
+# the fp32 softmax backward and the recomputed scores).
+ACTIVATION_FACTOR = 1.09
+ATTENTION_BACKWARD = 5.7
 # CUDA: the context (kernels, cuBLAS workspace) and the caching allocator's rounding/fragmentation.
 CUDA_CONTEXT_MIB = 500
 CUDA_ALLOCATOR_SLACK = 1.10
@@ -66,6 +73,8 @@ class Shape:
     tied: bool = False
     model_type: str = "llama"
     source: str = ""
+    file_bytes: int = 0
+    """Size of the weight files (0: unknown, taken as 16-bit)."""
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden // self.heads
@@ -174,6 +183,11 @@ def model_config(cfg: TrainConfig):
     context = check_context(config, cfg.data.cutoff_len, cfg.model.rope_scaling)
     shape = shape_from_config(config, source=str(name))
     shape.context = context
+    folder = Path(str(name))
+    folder = folder.parent if folder.suffix == ".gguf" else folder
+    if folder.is_dir():
+        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin")) or list(folder.glob("*.gguf"))
+        shape.file_bytes = sum(f.stat().st_size for f in files)
     return config, shape
 
 
@@ -193,10 +207,12 @@ class Plan:
     checkpointing: bool = False
     tokens: int = 0
     seq: int = 0
+    floor: float = 0.0
+    """The peak of loading the model (CPU: checkpoint file mapped + weights built), if above training's."""
 
     @property
     def peak(self) -> float:
-        return sum(self.parts.values())
+        return max(sum(self.parts.values()), self.floor)
 
     @property
     def peak_mib(self) -> int:
@@ -227,20 +243,24 @@ def estimate(
     attention: str,
     compute_bytes: int,
     weight_bytes: int,
+    file_bytes: int = 0,
 ) -> Plan:
     """Memory of one training step at ``micro_batch`` rows of ``seq`` tokens (padded length)."""
     q = cfg.model.quantization
     full = cfg.lora.finetuning == "full"
     L, h, i = shape.layers, shape.hidden, shape.intermediate
     plan = Plan(device=device, checkpointing=checkpointing, tokens=micro_batch * seq, seq=seq)
+    file_bytes = file_bytes or shape.total_params() * 2
     parts = plan.parts
 
     # ---- weights. bitsandbytes quantizes the decoder's linear layers; embeddings, norms and lm_head stay
     # in the compute dtype. NF4 with double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks.
     linear = L * shape.layer_linear_params()
     other = shape.total_params() - linear
+    # peft's k-bit preparation keeps the unquantized rest (embeddings, norms) in fp32.
     per_linear = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0 + 4 / h}.get(q, weight_bytes)
-    parts["weights (frozen)" if not full else "weights (trained, fp32)"] = linear * per_linear + other * weight_bytes
+    other_bytes = 4 if q != "none" else weight_bytes
+    parts["weights (frozen)" if not full else "weights (trained, fp32)"] = linear * per_linear + other * other_bytes
 
     # ---- trainable parameters: LoRA A/B of each target module (fp32), modules_to_save copies
     if full:
@@ -265,16 +285,17 @@ def estimate(
     per_token = (4 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 3 * i + lora_in) * compute_bytes
     attn_probs = shape.heads * seq * compute_bytes if attention in ("eager", "lowmem_eager") else 0
     tokens = micro_batch * seq
-    one_layer = tokens * (per_token + attn_probs)
+    one_layer = tokens * (per_token + attn_probs) * ACTIVATION_FACTOR
     if checkpointing:
         # only each layer's input is kept; backward recomputes one layer at a time
         parts["activations (checkpointed inputs)"] = L * tokens * h * compute_bytes
         parts["activations (one recomputed layer)"] = one_layer
     else:
         parts["activations (all layers)"] = L * one_layer
-    # the largest transient of a layer's backward: the attention scores and their gradient (eager),
-    # or the MLP's intermediate gradients
-    parts["backward workspace"] = tokens * max(2 * attn_probs, 3 * i * compute_bytes) + tokens * h * 4 * 2
+    # the largest transient of a layer's backward: the attention probabilities' gradient and softmax
+    # backward (eager kernels), or the MLP's intermediate gradients
+    parts["backward workspace"] = (tokens * max(ATTENTION_BACKWARD * attn_probs, 3 * i * compute_bytes)
+                                   + tokens * h * 4 * 2)
     # the fused loss: final hidden states, one chunk of fp32 logits with its softmax and gradient
     chunk = min(cfg.train.loss_chunk_size or tokens, tokens)
     parts["logits chunk"] = chunk * shape.vocab * 4 * 3 + tokens * h * 4
@@ -285,6 +306,14 @@ def estimate(
         plan.parts = parts
     else:
         parts["framework overhead (process)"] = CPU_BASE_MIB * MIB
+        parts["framework overhead (training)"] = CPU_TRAIN_MIB * MIB
+        model_bytes = shape.total_params() * weight_bytes
+        if q != "none":
+            # bitsandbytes quantizes on the CPU through a 16-bit copy; the freed blocks stay with the allocator
+            parts["bitsandbytes quantization (CPU heap)"] = shape.total_params() * 2
+            model_bytes += shape.total_params() * 2
+        # loading maps the checkpoint file (its pages count as resident) while building the weights
+        plan.floor = CPU_BASE_MIB * MIB + file_bytes + model_bytes
     return plan
 
 
@@ -301,13 +330,14 @@ class RunPlan:
     micro_batch: int
     seq: int
     lengths_note: str
+    file_bytes: int = 0
 
     def at(self, micro_batch: int | None = None, seq: int | None = None, checkpointing: bool | None = None) -> Plan:
         ckpt = self.cfg.train.gradient_checkpointing == "true" if checkpointing is None else checkpointing
         return estimate(
             self.cfg, self.shape, micro_batch=micro_batch or self.micro_batch, seq=seq or self.seq,
             checkpointing=ckpt, device=self.device, attention=self.attention,
-            compute_bytes=self.compute_bytes, weight_bytes=self.weight_bytes,
+            compute_bytes=self.compute_bytes, weight_bytes=self.weight_bytes, file_bytes=self.file_bytes,
         )
 
     def largest(self, budget: float, checkpointing: bool) -> tuple[int, int]:
@@ -357,7 +387,8 @@ def plan_run(
     else:
         seq = min(max(lengths), cfg.data.cutoff_len)
         note = f"longest sample {seq} tokens of {len(lengths)}"
-    return RunPlan(cfg, shape, device, attention, compute, _bytes(load_dtype), cfg.train.micro_batch_size, seq, note)
+    return RunPlan(cfg, shape, device, attention, compute, _bytes(load_dtype), cfg.train.micro_batch_size, seq, note,
+                   shape.file_bytes)
 
 
 def data_lengths(cfg: TrainConfig) -> list[int] | None:
@@ -427,14 +458,14 @@ def compare_line(predicted_mib: float) -> str:
     return line
 
 
-def needs_checkpointing(rp: RunPlan) -> tuple[bool, Plan]:
-    """``gradient_checkpointing: auto``: on when the run without it would not fit the device."""
+def needs_checkpointing(rp: RunPlan, budget: float | None = None) -> tuple[bool, Plan]:
+    """``gradient_checkpointing: auto``: on when the run without it would not fit the device (or ``budget``)."""
     setting = rp.cfg.train.gradient_checkpointing
     if setting in ("true", "false"):
         on = setting == "true"
         return on, rp.at(checkpointing=on)
     without = rp.at(checkpointing=False)
-    if without.peak <= 0.9 * device_memory(rp.device):
+    if without.peak <= 0.9 * (budget or device_memory(rp.device)):
         return False, without
     return True, rp.at(checkpointing=True)
 
@@ -457,6 +488,8 @@ def format_plan(rp: RunPlan, plan: Plan, budget: float | None) -> str:
     width = max(len(k) for k in plan.parts)
     for k, v in plan.parts.items():
         lines.append(f"  {k:<{width}}  {v / MIB:>10,.0f} MiB")
+    if plan.floor > sum(plan.parts.values()):
+        lines.append(f"  {'loading the model (file + weights)':<{width}}  {plan.floor / MIB:>10,.0f} MiB  <- the peak")
     other = rp.at(checkpointing=not plan.checkpointing)
     lines.append(f"  {'(with checkpointing ' + ('off' if plan.checkpointing else 'on') + ')':<{width}}  "
                  f"{other.peak / MIB:>10,.0f} MiB total")
@@ -480,11 +513,8 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     _, shape = model_config(cfg)
     lengths = None if args.assume_full else data_lengths(cfg)
     rp = plan_run(cfg, shape, lengths, device=args.device)
-    if cfg.train.gradient_checkpointing == "auto":
-        _, plan = needs_checkpointing(rp)
-    else:
-        plan = rp.at()
     budget = parse_size(args.device_memory) if args.device_memory else None
+    _, plan = needs_checkpointing(rp, budget)
     print(format_plan(rp, plan, budget))
     return 0
 

@@ -145,8 +145,16 @@ class SFTTrainer:
         # the tests) may ask for another precision, so forget the previous run's (not the process group).
         AcceleratorState._reset_state(reset_partial_state=False)
         # cpu=True lets accelerate pick gloo DDP on CPU-only machines under torchrun/accelerate launch.
+        asked = {k: os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("DEEPSPEED", "FSDP")}
         self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world = acc.num_processes
+        engine = acc.distributed_type.value
+        if acc.is_main_process:
+            print(f"engine: {engine}, {self.world} process{'es' if self.world > 1 else ''} on {acc.device.type}")
+            for name, on in asked.items():
+                if on and engine != name:  # accelerate's FSDP/DeepSpeed need an accelerator; it says nothing itself
+                    print(f"warning: the launch config asks for {name}, but accelerate runs {engine} on "
+                          f"{acc.device.type} (its {name} needs a GPU): plain data parallel, nothing sharded")
         set_seed(t.seed)
         if acc.is_main_process:
             clean_partial(t.output_dir)
@@ -240,6 +248,9 @@ class SFTTrainer:
         self.optimizer = make_optimizer(model, params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                         loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio)
         self.wrapper = CausalLMLoss(model, t.loss_chunk_size)
+        if getattr(acc.state, "deepspeed_plugin", None) is not None:
+            # no dataloader goes through prepare(), so DeepSpeed is told the micro-batch size here
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
         self.wrapper, self.optimizer = acc.prepare(self.wrapper, self.optimizer)
         self._trainable = params
         self.objective.prepare()  # the reference log-probs, from the initial weights (before any resume)

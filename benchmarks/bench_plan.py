@@ -1,0 +1,98 @@
+"""Memory benchmark: gradient checkpointing's saving, and the planner's prediction against the measured peak.
+
+Workload: the embedded SmolLM2-135M base, long samples (every sample reaches cutoff_len), micro-batch 2,
+one optimizer step of 2 samples, LoRA r=8 on
+q_proj/v_proj and QLoRA (bitsandbytes NF4), cutoff 256 and 2048, gradient checkpointing off and on,
+the trainer's defaults otherwise (bf16 autocast where the CPU has native bf16).
+
+Each run is its own ``chinese-vicuna train`` process and reports its own peak RSS (``ru_maxrss``),
+so other jobs on the machine do not enter the measurement (they only slow it down). The trainer
+prints ``memory: predicted peak N MiB, measured M MiB``; this script collects those lines.
+
+Prints one table, writes benchmarks/results/plan.json, and the lines
+``gradient checkpointing: ...`` and ``planner accuracy: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"memory: predicted peak (\d+) MiB, measured (\d+) MiB")
+
+
+def long_data(path: Path, n: int = 8) -> Path:
+    """Alpaca records whose replies run past 2048 tokens (truncated to cutoff_len by the trainer)."""
+    text = (ROOT / "data" / "samples" / "pretrain.txt").read_text(encoding="utf-8").replace("\n", "")
+    rows = []
+    for i in range(n):
+        reply = (text[i * 50 :] + text) * 3
+        rows.append({"instruction": f"第{i}题：请复述下面的文字。", "input": "", "output": reply[:6000]})
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str) -> dict:
+    cmd = [sys.executable, "-m", "chinese_vicuna", "train", "--data_path", str(data), "--output_dir", str(out),
+           "--cutoff_len", str(cutoff), "--micro_batch_size", "2", "--batch_size", "2", "--max_steps", "1",
+           "--gradient_checkpointing", "true" if ckpt else "false", "--quantization", quant, "--report_to", "none",
+           "--save_steps", "1000", "--logging_steps", "1", "--seed", "42"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"train failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    m = LINE.search(proc.stdout)
+    if not m:
+        raise SystemExit(f"no memory line in the output of {' '.join(cmd)}:\n{proc.stdout[-2000:]}")
+    predicted, measured = int(m.group(1)), int(m.group(2))
+    return dict(cutoff=cutoff, checkpointing=ckpt, quantization=quant, predicted_mib=predicted, measured_mib=measured,
+                error=(predicted - measured) / measured, seconds=round(time.perf_counter() - start, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="cutoff 256 and 1024 only (minutes less)")
+    args = ap.parse_args()
+    cutoffs = (256, 1024) if args.quick else (256, 2048)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = long_data(Path(tmp) / "long.jsonl")
+        for quant in ("none", "4bit"):
+            for cutoff in cutoffs:
+                for ckpt in (False, True):
+                    r = run(data, Path(tmp) / f"{quant}-{cutoff}-{ckpt}", cutoff, ckpt, quant)
+                    rows.append(r)
+                    print(f"{'QLoRA' if quant == '4bit' else 'LoRA':<6} cutoff {cutoff:>5}  checkpointing "
+                          f"{'on ' if ckpt else 'off'}  predicted {r['predicted_mib']:>6} MiB  measured "
+                          f"{r['measured_mib']:>6} MiB  error {r['error']:+6.1%}  ({r['seconds']} s)", flush=True)
+    import platform
+
+    import torch
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    result = dict(machine=machine, model="SmolLM2-135M-Instruct (embedded)", micro_batch_size=2, runs=rows)
+    out = ROOT / "benchmarks" / "results" / "plan.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_out, out)
+    big = max(cutoffs)
+    off = next(r for r in rows if r["cutoff"] == big and not r["checkpointing"] and r["quantization"] == "none")
+    on = next(r for r in rows if r["cutoff"] == big and r["checkpointing"] and r["quantization"] == "none")
+    print(f"gradient checkpointing: peak {off['measured_mib']} MiB -> {on['measured_mib']} MiB "
+          f"({on['measured_mib'] / off['measured_mib'] - 1:+.0%}; SmolLM2 LoRA, cutoff {big}, micro-batch 2, peak RSS)")
+    worst = max(abs(r["error"]) for r in rows)
+    print(f"planner accuracy: worst error {worst:.1%} over {len(rows)} runs (target 15%; LoRA and QLoRA, "
+          f"cutoff {' and '.join(map(str, cutoffs))}, checkpointing off and on)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""`chinese-vicuna plan`: the arithmetic against real models, the command's output, rope scaling and the context check."""
+
+import re
+
+import pytest
+import torch
+from helpers import write_jsonl
+
+from chinese_vicuna.cli import main
+from chinese_vicuna.config import ConfigError, load_config
+from chinese_vicuna.train.plan import (
+    MIB,
+    known_shape,
+    model_config,
+    needs_checkpointing,
+    parse_size,
+    plan_run,
+    shape_from_config,
+)
+
+
+def cfg_for(base, data=None, **kw):
+    args = dict(base_model=base, micro_batch_size=2, batch_size=4, cutoff_len=64, dtype="float32", report_to="none")
+    if data:
+        args["data_path"] = data
+    args.update(kw)
+    return load_config(None, [x for k, v in args.items() for x in (f"--{k}", str(v))])
+
+
+def test_llama_shapes_count_the_published_parameters():
+    # LLaMA-1 7B and 13B: 6,738,415,616 and 13,015,864,320 parameters (Meta's checkpoints)
+    assert known_shape("decapoda-research/llama-7b-hf").total_params() == 6_738_415_616
+    assert known_shape("yahma/llama-13b-hf").total_params() == 13_015_864_320
+    assert known_shape("Qwen/Qwen2-7B") is None
+
+
+def test_parameter_counts_equal_the_real_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from chinese_vicuna.model.adapters import attach_lora
+
+    cfg = cfg_for(tiny_model_dir, lora_target_modules="all-linear", lora_r=4)
+    config, shape = model_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    plan = plan_run(cfg, shape, [64] * 8, device="cpu").at(checkpointing=False)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.parts["weights (frozen)"] == frozen
+    lora = attach_lora(model, r=4, alpha=8, dropout=0.0, targets=["all-linear"])
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert plan.parts["LoRA parameters (fp32)"] == trainable * 4
+    assert plan.parts["gradients (fp32)"] == trainable * 4
+    assert plan.parts["AdamW state (fp32 x2)"] == trainable * 8
+
+
+def test_checkpointing_and_length_move_the_prediction(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir)
+    _, shape = model_config(cfg)
+    rp = plan_run(cfg, shape, [64] * 8, device="cuda")  # no loading floor on CUDA: the activations show
+    off, on = rp.at(checkpointing=False), rp.at(checkpointing=True)
+    assert on.parts["activations (checkpointed inputs)"] < off.parts["activations (all layers)"]
+    assert on.peak < off.peak
+    assert rp.at(seq=128, checkpointing=False).peak > off.peak
+    assert rp.at(micro_batch=4, checkpointing=False).peak > off.peak
+
+
+def test_largest_batch_and_length_fit_the_budget(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir)
+    _, shape = model_config(cfg)
+    rp = plan_run(cfg, shape, [64] * 8, device="cuda")
+    budget = rp.at(micro_batch=6, checkpointing=False).peak + 1
+    mb, cut = rp.largest(budget, checkpointing=False)
+    assert mb == 6
+    assert rp.at(micro_batch=2, seq=cut, checkpointing=False).peak <= budget
+    assert rp.at(micro_batch=2, seq=cut + 1, checkpointing=False).peak > budget
+
+
+def test_auto_checkpointing_turns_on_only_past_the_budget(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir)
+    _, shape = model_config(cfg)
+    rp = plan_run(cfg, shape, [64] * 8, device="cuda")
+    need = rp.at(checkpointing=False).peak
+    assert needs_checkpointing(rp, budget=need * 2)[0] is False
+    on, plan = needs_checkpointing(rp, budget=need)
+    assert on and plan.checkpointing
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("11GB") == 11e9
+    assert parse_size("8000MiB") == 8000 * MIB
+    with pytest.raises(ConfigError, match="--device-memory: expected a size like 24GiB"):
+        parse_size("lots")
+
+
+def test_plan_command_prints_the_breakdown_and_last_line(tiny_model_dir, alpaca_file, capsys):
+    rc = main(["plan", "--base_model", str(tiny_model_dir), "--data_path", str(alpaca_file), "--cutoff_len", "64",
+               "--micro_batch_size", "2", "--batch_size", "4", "--device-memory", "24GiB", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"predicted peak: \d+ MiB", lines[-1]), lines[-1]
+    for part in ("weights (frozen)", "LoRA parameters (fp32)", "gradients (fp32)", "AdamW state (fp32 x2)",
+                 "activations (all layers)", "logits chunk", "framework overhead (process)"):
+        assert part in out, part
+    assert "fits in 24.0 GiB (checkpointing off): micro_batch_size <= " in out
+    # the same numbers as the trainer's own plan
+    cfg = cfg_for(tiny_model_dir, alpaca_file)
+    _, shape = model_config(cfg)
+    from chinese_vicuna.train.plan import data_lengths
+
+    lengths = data_lengths(cfg)
+    assert max(lengths) <= 64
+    predicted = needs_checkpointing(plan_run(cfg, shape, lengths))[1].peak_mib
+    assert lines[-1] == f"predicted peak: {predicted} MiB"
+
+
+def test_plan_for_a_preset_needs_no_model_files(capsys):
+    rc = main(["plan", "configs/llama-7b-lora-8bit.yaml", "--device", "cuda", "--device-memory", "11GB"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "LLaMA-7B (built-in shape): 6,738M parameters" in out
+    assert re.search(r"predicted peak: \d+ MiB\n?$", out)
+
+
+# ------------------------------------------------------------------------------------------ context
+def test_cutoff_past_the_context_is_a_clear_error(tiny_model_dir, alpaca_file, capsys):
+    # the tiny model's max_position_embeddings is 512
+    rc = main(["train", "--base_model", str(tiny_model_dir), "--data_path", str(alpaca_file), "--cutoff_len", "1024",
+               "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == ("error: cutoff_len: 1024 exceeds the base_model's context of 512 tokens "
+                           "(max_position_embeddings); set rope_scaling (e.g. linear:2 or yarn:2) or lower cutoff_len")
+    with pytest.raises(ConfigError, match="cutoff_len: 2048 exceeds the base_model's context of 1024 tokens"):
+        model_config(cfg_for(tiny_model_dir, cutoff_len=2048, rope_scaling="linear:2"))
+    with pytest.raises(ConfigError, match="rope_scaling: expected TYPE:FACTOR with TYPE one of linear, dynamic, yarn"):
+        cfg_for(tiny_model_dir, rope_scaling="ntk:2")
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_is_what_transformers_computes(tiny_model_dir, kind):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chinese_vicuna.model.load import load_model
+
+    config, shape = model_config(cfg_for(tiny_model_dir, cutoff_len=1024, rope_scaling=f"{kind}:2"))
+    assert shape.context == 1024 and config.rope_parameters["rope_type"] == kind
+    model = load_model(str(tiny_model_dir), dtype="float32", attn_implementation="eager", rope_scaling=f"{kind}:2")
+    assert model.config.rope_parameters["rope_type"] == kind and model.config.rope_parameters["factor"] == 2.0
+    # the reference: transformers' own model built from the same rope parameters
+    ref_config = AutoConfig.from_pretrained(tiny_model_dir)
+    ref_config.rope_parameters = dict(config.rope_parameters)
+    ref_config.max_position_embeddings = config.max_position_embeddings
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=ref_config, dtype=torch.float32,
+                                               attn_implementation="eager")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    ids = torch.arange(3, 3 + 700).unsqueeze(0) % 1000 + 5
+    with torch.no_grad():
+        got, want, unscaled = (m(ids).logits for m in (model, ref, plain))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[0, -1], unscaled[0, -1], atol=1e-4)  # the scaling really changed something
+
+
+def test_training_with_rope_scaling_past_the_context(tiny_model_dir, tmp_path):
+    from chinese_vicuna.train.sft import run_training
+
+    rows = [{"instruction": f"题{i}", "input": "", "output": "答" * 700} for i in range(4)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = cfg_for(tiny_model_dir, data, cutoff_len=640, rope_scaling="linear:2", max_steps=1, batch_size=2,
+                  output_dir=tmp_path / "out")
+    t = run_training(cfg, progress_bar=False)
+    assert max(t.lengths) == 640
+    model = t.accelerator.unwrap_model(t.wrapper).model
+    assert model.config.rope_parameters["rope_type"] == "linear"
+    assert shape_from_config(model.config).context == 1024
