@@ -124,7 +124,7 @@ def test_inspect_renders_the_sample_and_statistics(board):
     shutil.copy(ROOT / "data" / "samples" / "instruct.jsonl", board.workdir / "data" / "instruct.jsonl")
     html, stats, msg = board.inspect(["data/instruct.jsonl"], "auto", "alpaca", None, 256)
     records = sum(1 for line in (ROOT / "data" / "samples" / "instruct.jsonl").open() if line.strip())
-    assert msg == f"ok: {records} records" and f"| records | {records} |" in stats
+    assert msg == f"ok: {records} records" and stats.startswith(f"{records} records · tokens min / mean / max ")
     assert "### Response:" in html and "<pre" in html
 
 
@@ -254,12 +254,18 @@ def open_group(page, group: str) -> None:
     page.locator("button.label-wrap, .label-wrap").filter(has_text=re.compile(rf"^{group} \(\d+ keys\)")).first.click()
 
 
+def row(page, pattern: str):
+    """The runs table's row whose cells, joined by spaces, match ``pattern``."""
+    pattern = pattern.replace("/", r"\/")  # playwright writes the regex into a /.../ selector
+    return page.locator("#runs").get_by_role("row", name=re.compile(f"^{pattern}$"))
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"board-{name}.png"), full_page=True)
 
 
-def check_data_tab(page, expect) -> None:
+def check_data_tab(page, expect, screenshot: bool = True) -> None:
     """A typed path outside the roots is refused; a bad record's file:line shows in the page."""
     tab(page, "Data")
     msg = page.locator("#data-error")
@@ -278,7 +284,63 @@ def check_data_tab(page, expect) -> None:
     page.locator("#data-inspect").click()
     expect(msg).to_contain_text(re.compile(r"ok: \d+ records"), timeout=60_000)
     expect(page.locator("#data-preview")).to_contain_text("### Response:")
-    shot(page, "data")
+    if screenshot:
+        shot(page, "data")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install -y chromium)")
+def test_board_in_a_browser_tiny_model(tmp_path, tiny_model_dir, alpaca_file):
+    """Fast: a tiny model picked in the page, refused paths and a bad record's file:line in the page, a
+    2-step run to its end with train + validation points, and a run started from the CLI listed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(alpaca_file, work / "data" / "train.jsonl")
+    (work / "data" / "bad.jsonl").write_text('{"instruction": "你好", "output": "好"}\n{"instruction": 3}\n',
+                                             encoding="utf-8")
+    shutil.copytree(tiny_model_dir, work / "models" / "tiny")
+    proc = cli("train", *tiny_train_args(work / "models" / "tiny", "data/train.jsonl", "outputs/from-cli"), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    board = BoardProcess(work)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(board.url)
+                base = page.locator("#model-base input")
+                expect(base).to_have_value("embedded: SmolLM2-135M-Instruct", timeout=60_000)
+                base.fill("models/tiny")
+                base.press("Enter")
+                page.locator("#model-info-btn").click()
+                expect(page.locator("#model-info")).to_contain_text("LlamaForCausalLM · ", timeout=60_000)
+                tab(page, "Data")
+                page.locator("#data-files label").filter(has_text="data/train.jsonl").click()
+                check_data_tab(page, expect, screenshot=False)
+
+                tab(page, "Train")
+                status = page.locator("#run-status")
+                expect(page.locator("#runs")).to_contain_text("outputs/from-cli")
+                expect(row(page, r"outputs/from-cli finished 2/2 [\d.]+ – \d+ – 1 cli")).to_have_count(1)
+                open_group(page, "data")
+                for key, value in dict(max_steps=2, micro_batch_size=2, batch_size=4, logging_steps=1, val_size=4,
+                                       eval_steps=1, cutoff_len=64, output_dir="outputs/tiny",
+                                       report_to="none").items():
+                    fill(page, key, value)
+                expect(page.locator("#train-command")).to_contain_text("--base_model models/tiny")
+                page.locator("#train-start").click()
+                expect(status).to_contain_text(re.compile(r"outputs/tiny · finished · step 2/2 .* 4 loss points"),
+                                               timeout=120_000)
+                expect(row(page, r"outputs/tiny finished 2/2 [\d.]+ [\d.]+ \d+ – 1 board")).to_have_count(1)
+                assert (work / "outputs" / "tiny" / "adapter_model.safetensors").exists()
+                assert "adapter written to outputs/tiny" in (work / "outputs" / "tiny" / "train.log").read_text()
+            finally:
+                browser.close()
+    finally:
+        code = board.close()
+        end_training_processes(work)
+    assert code == 0, board.text()
 
 
 @pytest.mark.slow
@@ -320,6 +382,7 @@ def test_board_in_a_browser(tmp_path):
                 expect(status).to_contain_text(re.compile(r"finished · step 2/2 .* 4 loss points"), timeout=300_000)
                 expect(page.locator("#runs")).to_contain_text("outputs/run1")
                 shot(page, "train")
+                page.locator("#run-monitor").screenshot(path=str(ARTIFACTS / "board-monitor.png"))
 
                 # Stop during a run leaves a checkpoint; Resume finishes it.
                 fill(page, "max_steps", 3)

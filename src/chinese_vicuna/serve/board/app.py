@@ -224,8 +224,10 @@ class Board:
             return "", "", f"error: {e}"
         html = console.export_html(inline_styles=True, code_format=(
             '<pre style="white-space:pre-wrap;font-family:monospace;font-size:13px">{code}</pre>'))
-        table = "| statistic | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in stats.items())
-        return html, table, f"ok: {stats['records']} records"
+        line = (f"{stats['records']} records · tokens min / mean / max {stats['tokens_min']} / {stats['tokens_mean']} / "
+                f"{stats['tokens_max']} · trained mean {stats['trained_tokens_mean']} · {stats['truncated']} truncated · "
+                f"{stats['dropped']} dropped")
+        return html, line, f"ok: {stats['records']} records"
 
     # -- Train tab --------------------------------------------------------------------------
     def command(self, *values) -> str:
@@ -301,7 +303,8 @@ class Board:
         """(status line, loss curve data, log tail, tracker links) of one run."""
         import pandas as pd
 
-        empty = pd.DataFrame({"step": [], "loss": [], "series": []})
+        # None, not an empty frame: a LinePlot first drawn from an empty frame never draws the lines it is given later
+        empty = None
         if not run:
             return "no run selected", empty, "", ""
         try:
@@ -493,7 +496,6 @@ def _field(spec: FieldSpec):
 def build_board(board: Board):
     """The Gradio Blocks app (not launched)."""
     import gradio as gr
-    import pandas as pd
 
     specs = board.specs
     samples = [f for f in board.data_files() if f.startswith("data/samples/")]
@@ -550,17 +552,18 @@ def build_board(board: Board):
                     stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                     resume = gr.Button("Resume", elem_id="train-resume")
                 train_msg = gr.Markdown(elem_id="train-message")
-                runs0 = [board.rel(d) for d in board.runs.folders()]
-                run = gr.Dropdown(runs0, value=runs0[0] if runs0 else None, label="Run", allow_custom_value=True,
-                                  elem_id="run-select")
-                status = gr.Markdown(elem_id="run-status")
-                plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss",
-                                   color="series", title="loss", height=280, elem_id="loss-plot")
-                trackers = gr.Markdown(elem_id="run-trackers")
-                log = gr.Code(label="Log (tail)", elem_id="run-log", lines=12, max_lines=12)
-                table = gr.Dataframe(headers=["run", "state", "step", "loss", "val loss", "tokens/s", "ETA",
-                                              "checkpoints", "started from"], value=board.runs_table(),
-                                     interactive=False, label="Runs", elem_id="runs")
+                with gr.Column(elem_id="run-monitor"):
+                    runs0 = [board.rel(d) for d in board.runs.folders()]
+                    run = gr.Dropdown(runs0, value=runs0[0] if runs0 else None, label="Run", allow_custom_value=True,
+                                      elem_id="run-select")
+                    status = gr.Markdown(elem_id="run-status")
+                    plot = gr.LinePlot(None, x="step", y="loss",
+                                       color="series", title="loss", height=280, elem_id="loss-plot")
+                    trackers = gr.Markdown(elem_id="run-trackers")
+                    log = gr.Code(label="Log (tail)", elem_id="run-log", lines=12, max_lines=12)
+                    table = gr.Dataframe(headers=["run", "state", "step", "loss", "val loss", "tokens/s", "ETA",
+                                                  "checkpoints", "started from"], value=board.runs_table(),
+                                         interactive=False, label="Runs", elem_id="runs")
             with gr.Tab("Evaluate", elem_id="tab-eval"):
                 eval_adapters = gr.CheckboxGroup(board.adapters(), label="Adapters (compared with the base)",
                                                  elem_id="eval-adapters")
@@ -626,20 +629,38 @@ def build_board(board: Board):
         resume.click(board.resume, run, train_msg)
         run.change(board.run_status, run, [status, plot, log, trackers], **quick)
 
-        def tick(selected, eval_sel, chat_sel, exp_sel):
+        # The page's lists follow the run folders, but a value is only set when the lists change (a new run
+        # or adapter appeared: it becomes the selection) or nothing is selected. Setting values every tick
+        # would undo a click made while the tick was in flight.
+        seen = gr.State(None)
+
+        def tick(selected, last):
             runs = [board.rel(d) for d in board.runs.folders()]
             adapters = board.adapters()
-            line, df, tail, links = board.run_status(selected or (runs[0] if runs else None))
-            keep = [a for a in (eval_sel or []) if a in adapters]
-            return (board.runs_table(), gr.update(choices=runs, value=selected or (runs[0] if runs else None)),
-                    line, df, tail, links, gr.update(choices=adapters, value=keep),
-                    gr.update(choices=[*adapters, "base"], value=chat_sel if chat_sel in adapters
-                              else (adapters or ["base"])[0]),
-                    gr.update(choices=adapters, value=exp_sel if exp_sel in adapters else (adapters or [None])[0]))
+            selected = selected or (runs[0] if runs else None)
+            line, df, tail, links = board.run_status(selected)
+            rows = board.runs_table()
+            lists = (tuple(runs), tuple(adapters), rows)
+            if lists[:2] == (last or (None, None))[:2]:
+                lists_out = [gr.skip()] * 4
+            else:
+                new_run = next((r for r in runs if last is None or r not in last[0]), None)
+                new_adapter = next((a for a in adapters if last is None or a not in last[1]), None)
+                lists_out = [
+                    gr.update(choices=runs, value=new_run) if new_run and last is not None
+                    else gr.update(choices=runs),
+                    gr.update(choices=adapters),
+                    gr.update(choices=[*adapters, "base"], value=new_adapter) if new_adapter
+                    else gr.update(choices=[*adapters, "base"]),
+                    gr.update(choices=adapters, value=new_adapter) if new_adapter else gr.update(choices=adapters),
+                ]
+            run_out, eval_out, chat_out, exp_out = lists_out
+            table_out = gr.skip() if last is not None and rows == last[2] else rows  # redraw only on change
+            return table_out, run_out, line, df, tail, links, eval_out, chat_out, exp_out, lists
 
         timer = gr.Timer(1.0)
-        timer.tick(tick, [run, eval_adapters, chat_adapter, exp_adapter],
-                   [table, run, status, plot, log, trackers, eval_adapters, chat_adapter, exp_adapter],
+        timer.tick(tick, [run, seen],
+                   [table, run, status, plot, log, trackers, eval_adapters, chat_adapter, exp_adapter, seen],
                    show_progress="hidden", concurrency_id="tick", concurrency_limit=1)
         heavy = dict(concurrency_id="model", concurrency_limit=1)
         compare_btn.click(board.compare, [eval_adapters, prompts, limit, max_new, base], [answers, eval_msg], **heavy)
