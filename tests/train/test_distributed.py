@@ -115,17 +115,24 @@ use_cpu: false
 """
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, data, tmp_path, one_process):
-    """DeepSpeed ZeRO-2 on DeepSpeed's CPU accelerator (gloo), 2 processes: the 1-process run's adapter."""
+@pytest.mark.gpu
+def test_deepspeed_zero2_matches_one_process(tiny_model_dir, data, tmp_path, one_process):
+    """DeepSpeed ZeRO-2 on the GPUs (up to 2 processes): the 1-process run's adapter.
+
+    Not on a CPU-only machine: accelerate 1.15 takes DeepSpeed only with ``cpu=False`` and then finds
+    no device (each rank believes it is alone), so ZeRO cannot run on DeepSpeed's CPU accelerator through it.
+    """
     pytest.importorskip("deepspeed")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    n = min(2, torch.cuda.device_count())
     cfg = tmp_path / "ds.yaml"
-    cfg.write_text(DS_CONFIG)
+    cfg.write_text(DS_CONFIG.replace("num_processes: 2", f"num_processes: {n}").replace("mixed_precision: 'no'\n", ""))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
            str(free_port()), "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, tmp_path / "ds")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "DeepSpeed" in proc.stdout + proc.stderr
+    assert f"engine: DEEPSPEED, {n} process" in proc.stdout
     assert_same_run(one_process, tmp_path / "ds")
 
 
@@ -150,15 +157,36 @@ use_cpu: true
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one(tiny_model_dir, data, tmp_path, one_process):
-    """accelerate's FSDP2 config on CPU (gloo), 2 processes: the 1-process run's adapter."""
+def test_fsdp_config_on_cpu_runs_ddp_says_so_and_matches_one(tiny_model_dir, data, tmp_path, one_process):
+    """accelerate's FSDP2 config on CPU, 2 processes. accelerate 1.15 applies FSDP only on accelerators
+    (state.py sets DistributedType.FSDP for MULTI_GPU/NPU/XPU..., never MULTI_CPU) and says nothing: the
+    trainer says so, and the run is gloo DDP with the 1-process run's adapter. On GPUs: the gpu test below."""
     cfg = tmp_path / "fsdp.yaml"
     cfg.write_text(FSDP_CONFIG)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
            str(free_port()), "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, tmp_path / "fsdp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "engine: FSDP" in proc.stdout
+    assert "engine: MULTI_CPU, 2 processes on cpu" in proc.stdout
+    assert ("warning: the launch config asks for FSDP, but accelerate runs MULTI_CPU on cpu (its FSDP needs a GPU): "
+            "plain data parallel, nothing sharded") in proc.stdout
+    assert_same_run(one_process, tmp_path / "fsdp")
+
+
+@pytest.mark.gpu
+def test_fsdp_on_gpus_matches_one_process(tiny_model_dir, data, tmp_path, one_process):
+    """accelerate's FSDP2 on the GPUs (up to 2 processes, NCCL): the 1-process run's adapter."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    n = min(2, torch.cuda.device_count())
+    cfg = tmp_path / "fsdp.yaml"
+    cfg.write_text(FSDP_CONFIG.replace("use_cpu: true", "use_cpu: false").replace("num_processes: 2",
+                                                                                   f"num_processes: {n}"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--main_process_port",
+           str(free_port()), "-m", "chinese_vicuna", "train", *flags(tiny_model_dir, data, tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"engine: FSDP, {n} process" in proc.stdout
     assert_same_run(one_process, tmp_path / "fsdp")
 
 
