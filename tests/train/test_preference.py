@@ -329,3 +329,18 @@ def test_pissa_reference_is_the_original_model(tiny_model_dir, pairs_file, tmp_p
     assert trainer.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     with pytest.raises(ConfigError, match="ref_adapter: cannot be loaded onto the residual base"):
         load_config(None, ["--stage", "dpo", "--lora_init", "pissa", "--ref_adapter", "x"])
+
+
+def test_stage_pretrain_is_the_raw_text_path(tiny_model_dir, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"第{i}段：春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 3 for i in range(12)), encoding="utf-8")
+    trainer = run_training(load_config(None, overrides(tiny_model_dir, text, tmp_path / "pt", stage="pretrain", max_steps=2,
+                                                       cutoff_len=32)), progress_bar=False)
+    s = trainer.data.train[0]
+    assert len(s.input_ids) == 32 and s.labels == s.input_ids  # full blocks, every token trained
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "问", "input": "", "output": "答"}])
+    from chinese_vicuna.data.datasets import DataError
+
+    with pytest.raises(DataError, match=r"sft.jsonl:1: text: missing; expected a string"):
+        run_training(load_config(None, overrides(tiny_model_dir, sft, tmp_path / "pt2", stage="pretrain", max_steps=1)),
+                     progress_bar=False)
