@@ -194,7 +194,7 @@ class TrainLogger:
             client.log_batch(run_id, metrics=[Metric(k, v, ms, step) for k, v in scalars.items()])
         self.write_status(step=step)
         if self.bar is not None:
-            shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_s") if k in row}
+            shown = {k: row[k] for k in ("loss", "val_loss", "rewards/margins", "rewards/accuracies", "lr", "tokens_per_s") if k in row}
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()})
             if "val_loss" in row:
                 self.bar.write(f"step {step}: val_loss {row['val_loss']:.4f}")
