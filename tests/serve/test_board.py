@@ -181,6 +181,46 @@ def test_runs_started_from_the_cli_are_listed(tmp_path, tiny_model_dir, alpaca_f
     assert tail == "(started from the command line: its output is in that terminal)"
 
 
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+@pytest.mark.slow  # ~45 s on a busy CPU (two trainer starts); the trainer-level stop/resume tests run by default
+def test_stop_then_resume_from_the_board(tmp_path, tiny_model_dir, alpaca_file):
+    """Stop = SIGTERM: the trainer writes a checkpoint and exits; Resume (at once) continues from it."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "models" / "tiny")
+    shutil.copy(alpaca_file, work / "train.jsonl")
+    board = Board(PathGuard(work, output_roots=[work / "outputs"]), [work / "outputs"])
+    values = {s.key: s.default_text for s in board.specs}
+    values.update(base_model="models/tiny", data_path="train.jsonl", output_dir="outputs/r", max_steps=100000,
+                  micro_batch_size=2, batch_size=2, cutoff_len=32, report_to="none", logging_steps=1,
+                  save_steps=100000, dtype="float32")
+    folder = work / "outputs" / "r"
+    try:
+        assert board.start(*values.values())[0].startswith("started: `chinese-vicuna train --base_model models/tiny")
+        wait_for(lambda: board.runs.run(folder).state == "running" and board.runs.run(folder).step >= 1,
+                 what="the run to train")
+        assert board.stop("outputs/r") == "asked r to stop: it saves a checkpoint after the current step"
+        stopped = wait_for(lambda: (r := board.runs.run(folder)).state == "stopped" and r, what="the stop")
+        assert stopped.checkpoints == 1 and not stopped.has_adapter
+        assert board.resume("outputs/r") == "resuming outputs/r from its newest checkpoint"  # the stopped one may still be exiting
+        log = folder / "train.log"
+        wait_for(lambda: f"resumed from {folder / f'checkpoint-{stopped.step}'} at step {stopped.step}" in log.read_text(),
+                 what="the resumed run")
+        assert board.runs.run(folder).state in ("starting", "running")
+        assert board.resume("outputs/r") == f"error: {folder}: a run is already training in this folder"
+    finally:
+        for proc in board.runs.procs.values():
+            proc.kill()
+            proc.wait(10)
+
+
 # -- the page in a browser -----------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -167,7 +167,13 @@ class RunManager:
         """Run ``chinese-vicuna train ARGV`` in its own session, output in ``output_dir/train.log``."""
         output_dir = Path(output_dir).resolve()
         current = self.procs.get(output_dir)
-        if (current is not None and current.poll() is None) or self.run(output_dir).state == "running":
+        state = self.run(output_dir).state
+        if current is not None and current.poll() is None and state in ("stopped", "finished"):
+            try:  # its loop is over (status written); it is writing loss.png and exiting
+                current.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        if (current is not None and current.poll() is None) or state in ("running", "starting"):
             raise RuntimeError(f"{output_dir}: a run is already training in this folder")
         output_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "chinese_vicuna", "train", *argv]
