@@ -70,3 +70,25 @@ def test_logit_bias_and_logprobs_match_hf(cpp, tiny_model_dir):
         assert [t for t, _ in x.top] == [t for t, _ in y.top]
     biased = GenArgs(max_new_tokens=3, repetition_penalty=1.0, logit_bias={4093: 100.0})
     assert cpp.generate(conv, biased).text == hf.generate(conv, biased).text == hf.tokenizer.decode([4093] * 3)
+
+
+def test_lora_gguf_per_request_equals_merged_gguf(cpp, tiny_gguf, tiny_model_dir, tiny_adapter_dir, tmp_path):
+    from chinese_vicuna.tools.gguf import export_gguf, gguf_config, write_lora_gguf
+
+    lora = write_lora_gguf(tiny_adapter_dir, gguf_config(tiny_gguf), tmp_path / "a-lora.gguf")
+    assert gguf_config(tiny_gguf)["num_attention_heads"] == 4
+    merged_file = export_gguf(str(tiny_model_dir), tmp_path / "merged.gguf", adapters=[str(tiny_adapter_dir)],
+                              gguf_type="f32")
+    multi = load_engine("llama.cpp", str(tiny_gguf), [f"a={tiny_adapter_dir}", f"b={lora}"], template="alpaca")
+    merged = load_engine("llama.cpp", str(merged_file), template="alpaca")
+    assert multi.adapters == ["a", "b"]
+    conv = instruction_conversation("天空为什么是蓝色的？")
+    gen = GenArgs(max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
+    want_tuned, want_base = merged.generate(conv, gen).text, cpp.generate(conv, gen).text
+    assert want_tuned != want_base
+    # per request, in any order: the adapter (from its folder or its LoRA GGUF), the bare base, again
+    assert multi.generate(conv, gen, adapter="a").text == want_tuned
+    assert multi.generate(conv, gen).text == want_base
+    assert multi.generate(conv, gen, adapter="b").text == want_tuned
+    for e in (multi, merged):
+        e.model.close()

@@ -202,36 +202,53 @@ class _LockedStream(TextStream):
             yield from super().__iter__()
 
 
+@dataclass
 class LlamaCppEngine(Engine):
     """The same Engine interface over a GGUF file run by llama.cpp on the CPU.
 
     Prompts are rendered exactly as for the HF model (the GGUF's tokenizer, loaded through
-    transformers, has the same ids); llama.cpp only produces the tokens. Adapters must be merged
-    into the GGUF (``export-gguf --adapter``), so the only model is the file itself.
+    transformers, has the same ids); llama.cpp only produces the tokens. Adapters are llama.cpp
+    LoRA GGUF files (adapter folders are converted at load, ``tools.gguf.write_lora_gguf``), all
+    loaded once and applied per request without merging.
     """
+
+    loras: dict = field(default_factory=dict)
+    """Adapter name -> llama.cpp LoRA handle."""
 
     @classmethod
     def load_gguf(
         cls, path: str, *, template: str | None = None, system_prompt: str | None = None, n_ctx: int = 4096,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int = 0, adapter_specs: list[str] | None = None,
     ) -> LlamaCppEngine:
+        import tempfile
         from pathlib import Path
 
+        from ..model.adapters import parse_adapter_specs, read_meta
         from ..model.load import load_tokenizer
-        from ..tools.gguf import LlamaCppBackend, read_gguf_meta
+        from ..tools.gguf import LlamaCppBackend, gguf_config, read_gguf_meta, write_lora_gguf
 
         backend = LlamaCppBackend(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         tok = load_tokenizer(path)
-        tmpl = resolve_template(tok, read_gguf_meta(path), template, system_prompt)
-        return cls(backend, tok, tmpl, [], Path(path).stem)
+        meta = read_gguf_meta(path)
+        loras = {}
+        specs = parse_adapter_specs(adapter_specs or [])
+        with tempfile.TemporaryDirectory(prefix="lora-gguf-") as tmp:
+            for name, where in specs:
+                if Path(where).is_dir():  # a peft folder: convert it (small: only the LoRA matrices)
+                    meta = {**read_meta(where), **meta} if not loras else meta
+                    where = write_lora_gguf(where, gguf_config(path), Path(tmp) / f"{name}.gguf")
+                loras[name] = backend.load_lora(where)
+        tmpl = resolve_template(tok, meta, template, system_prompt)
+        return cls(backend, tok, tmpl, list(loras), Path(path).stem, loras=loras)
 
     @property
     def context_length(self) -> int:
         return int(self.model.n_ctx)
 
     def select(self, adapter: str | None) -> None:
-        if adapter not in (None, self.name, "base"):
+        if adapter not in (None, self.name, "base") and adapter not in self.loras:
             raise KeyError(adapter)
+        self.model.use_lora(self.loras.get(adapter))
 
     @property
     def vocab_size(self) -> int:
@@ -328,7 +345,7 @@ def load_engine(
     """The engine for ``--backend hf|llama.cpp``: the one place where backends are chosen.
 
     Raises:
-        ConfigError: llama.cpp without a ``.gguf`` model, or with adapters (merge them into the GGUF).
+        ConfigError: llama.cpp without a ``.gguf`` model.
     """
     from pathlib import Path
 
@@ -340,10 +357,8 @@ def load_engine(
                 f"--backend llama.cpp needs --model FILE.gguf (got {model!r}); write one with "
                 "`chinese-vicuna export-gguf --adapter DIR --out FILE.gguf`"
             )
-        if adapters:
-            raise ConfigError("--backend llama.cpp runs one GGUF file: merge adapters in with `export-gguf --adapter`")
         return LlamaCppEngine.load_gguf(model, template=template, system_prompt=system_prompt,
-                                        n_ctx=n_ctx or 4096, n_gpu_layers=n_gpu_layers)
+                                        n_ctx=n_ctx or 4096, n_gpu_layers=n_gpu_layers, adapter_specs=adapters)
     if backend != "hf":
         raise ConfigError(f"--backend: expected hf or llama.cpp, got {backend!r}")
     if n_ctx is not None or n_gpu_layers:

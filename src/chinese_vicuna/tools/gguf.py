@@ -263,6 +263,76 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
     return out
 
 
+def write_lora_gguf(adapter: str | os.PathLike, base: str | os.PathLike | dict, out: str | os.PathLike) -> Path:
+    """A peft LoRA adapter folder as a llama.cpp LoRA adapter GGUF (``general.type = adapter``).
+
+    As llama.cpp's ``convert_lora_to_gguf.py``: for each adapted linear ``blk.N.x.weight`` the file
+    holds ``...weight.lora_a`` (A, ``[r, in]``) and ``...weight.lora_b`` (B, ``[out, r]``, with the
+    q/k rotary permutation of the base weight), f32, and ``adapter.lora.alpha`` (llama.cpp scales by
+    alpha / r; rsLoRA's alpha / sqrt(r) is written as alpha * sqrt(r)). ``base``: the base model's
+    folder, or its ``config.json`` as a dict (see ``gguf_config``). Written atomically.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    adapter, out = Path(adapter), Path(out)
+    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if acfg.get("peft_type", "LORA") != "LORA" or acfg.get("use_dora"):
+        raise ConfigError(f"{adapter}: only plain LoRA adapters can be exported for llama.cpp (not DoRA or other types)")
+    cfg = base if isinstance(base, dict) else json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") not in LLAMA_TYPES:
+        raise ConfigError(f"{base}: model_type {cfg.get('model_type')!r}: LoRA GGUF export handles {', '.join(LLAMA_TYPES)}")
+    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    r, alpha = int(acfg["r"]), float(acfg.get("lora_alpha", acfg["r"]))
+    if acfg.get("use_rslora"):
+        alpha *= r**0.5
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        raise ConfigError(f"{adapter}: per-module rank/alpha patterns cannot be expressed in a LoRA GGUF")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    tmp = out.with_name(out.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        new = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if new is None:
+            raise ConfigError(f"{adapter}: cannot map the adapted module {module!r} to a GGUF tensor")
+        a, b = weights[key].float(), weights[key.replace(".lora_A.", ".lora_B.")].float()
+        if module.endswith("q_proj"):
+            b = _permute(b, n_head)
+        elif module.endswith("k_proj"):
+            b = _permute(b, n_kv)
+        w.add_tensor(new + ".lora_a", a.contiguous().numpy())
+        w.add_tensor(new + ".lora_b", b.contiguous().numpy())
+    if any("lora_embedding" in k for k in weights):
+        raise ConfigError(f"{adapter}: LoRA on embeddings cannot be exported for llama.cpp")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_config(path: str | os.PathLike) -> dict:
+    """The few ``config.json`` fields of a LLaMA GGUF that a LoRA export needs (layers, heads)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+
+    def get(key: str):
+        f = reader.fields.get(f"{arch}.{key}")
+        return f.contents() if f is not None else None
+
+    return {"model_type": arch, "num_hidden_layers": get("block_count"), "num_attention_heads": get("attention.head_count"),
+            "num_key_value_heads": get("attention.head_count_kv")}
+
+
 def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, gguf_type: str, n_threads: int | None = None) -> None:
     """llama.cpp's quantizer (``llama_model_quantize``) from a 16-bit GGUF to ``gguf_type``."""
     import llama_cpp
@@ -365,6 +435,31 @@ class LlamaCppBackend:
     def close(self) -> None:
         """Free the model now (llama-cpp-python otherwise frees it at exit, noisily)."""
         self.llm.close()
+
+    def load_lora(self, path: str | os.PathLike):
+        """Load a LoRA adapter GGUF for this model (applied per request with ``use_lora``)."""
+        import llama_cpp
+
+        handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode("utf-8"))
+        if not handle:
+            raise ConfigError(f"{path}: llama.cpp could not load this LoRA adapter GGUF for {self.path}")
+        return handle
+
+    def use_lora(self, handle) -> None:
+        """Apply one loaded adapter (``None``: the bare model); the prompt cache is dropped when it changes."""
+        import llama_cpp
+
+        if handle is getattr(self, "_lora", None):
+            return
+        if handle is None:
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not set the LoRA adapter (code {rc})")
+        self._lora = handle
+        self.llm.reset()  # cached prompt states were computed with the other weights
 
     def __enter__(self) -> LlamaCppBackend:
         return self
