@@ -54,8 +54,16 @@ def cmd_convert_meta(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace, extra: list[str]) -> int:
-    from .quantize import quantize_model
+    from ..config import ConfigError
+    from .quantize import quantize_gptq, quantize_model
 
+    if args.method == "gptq":
+        if not args.calibration:
+            raise ConfigError("--method gptq needs --calibration FILE (text lines or JSON/JSONL records)")
+        out = quantize_gptq(args.model, args.out, args.calibration, bits=args.bits, group_size=args.group_size,
+                            force=args.force)
+        print(f"saved {args.bits}-bit GPTQ model to {out}")
+        return 0
     out = quantize_model(args.model, args.out, bits=args.bits, quant_type=args.quant_type, force=args.force)
     print(f"saved {args.bits}-bit bitsandbytes model to {out}")
     return 0
@@ -126,9 +134,13 @@ def register(subparsers, groups) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_convert_meta)
 
-    p = subparsers.add_parser("quantize", help="save a bitsandbytes 4-bit/8-bit model that reloads pre-quantized")
+    p = subparsers.add_parser("quantize", help="save a bitsandbytes 4-bit/8-bit or GPTQ model that reloads pre-quantized")
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default="bnb", choices=["bnb", "gptq"],
+                   help="bnb: bitsandbytes (no calibration); gptq: GPTQModel with --calibration (needs torch >= 2.14.1)")
+    p.add_argument("--calibration", default=None, help="gptq: calibration texts (.txt lines or JSON/JSONL records)")
+    p.add_argument("--group-size", type=int, default=128, help="gptq: weights per quantization group")
     p.add_argument("--bits", type=int, required=True, choices=[4, 8])
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
