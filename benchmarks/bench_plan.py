@@ -9,7 +9,7 @@ Each run is its own ``chinese-vicuna train`` process and reports its own peak RS
 so other jobs on the machine do not enter the measurement (they only slow it down). The trainer
 prints ``memory: predicted peak N MiB, measured M MiB``; this script collects those lines.
 
-Prints one table, writes benchmarks/results/plan.json, and the lines
+Prints one table, writes benchmarks/results/plan.json (plan-cuda.json on a GPU), and the lines
 ``gradient checkpointing: ...`` and ``planner accuracy: ...``.
 """
 
@@ -79,7 +79,9 @@ def main() -> None:
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     result = dict(machine=machine, model="SmolLM2-135M-Instruct (embedded)", micro_batch_size=2, runs=rows)
-    out = ROOT / "benchmarks" / "results" / "plan.json"
+    out = ROOT / "benchmarks" / "results" / ("plan-cuda.json" if torch.cuda.is_available() else "plan.json")
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name() + ", " + machine
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
