@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # about 8 minutes on one recent GPU (most of it pip)
 #
-# 1. a fresh virtual environment (.venv-cuda) with PyPI's CUDA build of torch, the project's
+# 1. a fresh virtual environment (~/.cache/chinese-vicuna/venv-cuda, or $VENV) with PyPI's CUDA build of torch, the project's
 #    dependencies (llama-cpp-python left out: a CPU build from source, not used here), DeepSpeed and
 #    GPTQModel (which needs torch >= 2.14.1);
 # 2. the tests marked `gpu` (mixed precision, QLoRA 4/8-bit, sdpa, checkpointing peak vs plan, QLoRA
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 PY=${PY:-python3}
-VENV=${VENV:-.venv-cuda}
+VENV=${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chinese-vicuna/venv-cuda}
 B=$VENV/bin
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
@@ -26,7 +26,7 @@ command -v nvidia-smi >/dev/null || { echo "no nvidia-smi: this script needs a C
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 
 say "environment: $VENV"
-test -x "$B/python" || "$PY" -m venv "$VENV"
+test -x "$B/python" || { mkdir -p "$(dirname "$VENV")" && "$PY" -m venv "$VENV"; }
 "$B/pip" install -q --disable-pip-version-check --upgrade pip
 # PyPI's Linux torch wheel is the CUDA build
 "$B/pip" install -q --disable-pip-version-check "torch>=2.14.1"
