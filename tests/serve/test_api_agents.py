@@ -278,6 +278,17 @@ def test_responses_api(server):
     structured = c.responses.create(model="a", input=Q, temperature=0, max_output_tokens=80,
                                     text={"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}})
     jsonschema.validate(json.loads(structured.output_text), SCHEMA)
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMS}]
+    called = c.responses.create(model="a", input=Q, tools=tools, tool_choice="required", temperature=0,
+                                max_output_tokens=60)
+    call = next(o for o in called.output if o.type == "function_call")
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+    follow = c.responses.create(model="a", temperature=0, max_output_tokens=4, input=[
+        {"role": "user", "content": Q}, {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                         "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
+    assert follow.status in ("completed", "incomplete") and follow.usage.input_tokens > called.usage.input_tokens
     bad = post(server, "/v1/responses", {"model": "a", "input": Q, "previous_response_id": "resp_1"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "previous_response_id"
 
@@ -377,5 +388,40 @@ def test_sigterm_ends_streams_with_an_error_event(tmp_path, tiny_model_dir):
         assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
         proc.proc.wait(10)
         assert proc.proc.returncode is not None and time.monotonic() - t < 10
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_smollm2_agents(tmp_path):
+    """The same calls against the embedded SmolLM2 (its own chat template), plus embedding similarity."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    cf = _serve_conftest()
+    proc = cf.ServerProcess([], tmp_path / "serve.log", cf._env(None)).ready(timeout=600)
+    try:
+        c = client(proc)
+        name = base_name(proc)
+        llm = ChatOpenAI(base_url=proc.url + "/v1", api_key="unused", model=name, temperature=0, max_tokens=80,
+                         max_retries=0)
+        for method in ("json_schema", "function_calling"):
+            assert isinstance(llm.with_structured_output(Weather, method=method).invoke(Q), Weather)
+
+        @tool
+        def get_weather(city: Literal["北京", "上海"], unit: Literal["c", "f"]) -> str:
+            """查询天气"""
+            return "晴"
+
+        msg = llm.bind_tools([get_weather], tool_choice="any").invoke(Q)
+        jsonschema.validate(msg.tool_calls[0]["args"], WEATHER_PARAMS)
+        r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": Q}], max_tokens=5,
+                                      temperature=0, logprobs=True, top_logprobs=2)
+        assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+        assert c.responses.create(model=name, input="你好", max_output_tokens=16, temperature=0).output_text
+        vecs = torch.tensor([d.embedding for d in c.embeddings.create(
+            model=name, input=["今天天气很好。", "今天的天气非常好。", "这台电脑的显卡坏了。"]).data])
+        sims = vecs @ vecs.T
+        assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 2]
     finally:
         proc.stop()

@@ -1,8 +1,8 @@
 """Continuous batching: concurrent requests decode together, one forward per token for all of them.
 
-One scheduler thread owns the model. Each loop it (1) prefills newly arrived requests one by one
-(in chunks, so a request cancelled while its long prompt is fed stops within a chunk) and merges
-their KV caches into the running batch, (2) picks every row's next token with that row's own
+One scheduler thread owns the model. Each loop it (1) prefills the newly arrived requests together
+(left-padded, in chunks, so requests cancelled while their long prompts are fed stop within a
+chunk) and merges their KV cache into the running batch, (2) picks every row's next token with that row's own
 settings (penalties, logit_bias, temperature, top-k/top-p, seed, grammar, logprobs: a
 ``RowSampler`` per request), (3) drops rows that ended or were cancelled, and (4) runs one batched
 forward for the rest. New requests thus join at token boundaries and finished ones leave.
@@ -159,47 +159,51 @@ class Batcher:
         self.engine.model.base_model.enable_adapter_layers()
         return {"adapter_names": [r.adapter if r.adapter in self.engine.adapters else "__base__" for r in rows]}
 
-    def _prefill(self, row: _Row):
-        """The row's own cache and last logits (None when it was cancelled meanwhile)."""
+    def _prefill(self, rows: list[_Row]):
+        """The new rows' own cache (left-padded together), mask and last logits; None if all were cancelled."""
         from transformers import DynamicCache
+
+        from .decode import _left_pad
 
         model = self.engine.model
         device = next(model.parameters()).device
-        ids = torch.tensor([row.prompt], dtype=torch.long, device=device)
-        pos = torch.arange(len(row.prompt), device=device)[None]
-        mask = torch.ones_like(ids)
+        ids, mask = _left_pad([r.prompt for r in rows], 0, device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        names = self._names([row])
+        names = self._names(rows)
         logits = None
-        for start in range(0, len(row.prompt), PREFILL_CHUNK):
-            if row.cancelled():
-                return None, None
-            end = min(start + PREFILL_CHUNK, len(row.prompt))
+        for start in range(0, ids.shape[1], PREFILL_CHUNK):
+            if all(r.cancelled() for r in rows):
+                return None, None, None
+            end = min(start + PREFILL_CHUNK, ids.shape[1])
             logits = _forward(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache, **names)
-        return cache, logits
+        return cache, mask, logits
 
     def _admit(self, rows: list[_Row], cache, mask):
-        """Prefill rows that have no logits yet and merge their caches into the batch's."""
-        keep = []
+        """Prefill the rows that have no logits yet, together, and merge their cache into the batch's."""
+        keep = [r for r in rows if r.sampler is not None]
+        new = []
+        device = next(self.engine.model.parameters()).device
         for r in rows:
-            if r.sampler is not None:
-                keep.append(r)
-                continue
-            tok = self.engine.tokenizer
-            device = next(self.engine.model.parameters()).device
-            try:
-                r.sampler = RowSampler(r.gen, r.prompt, self.engine.eos_ids(), self.engine.vocab_size, device, tok)
-                own, r.logits = self._prefill(r)
-            except Exception as e:
-                r.out.put(e)
-                r.out.put(None)
-                continue
-            if own is None:
+            if r.sampler is None:
+                try:
+                    r.sampler = RowSampler(r.gen, r.prompt, self.engine.eos_ids(), self.engine.vocab_size, device,
+                                           self.engine.tokenizer)
+                    new.append(r)
+                except Exception as e:  # e.g. a grammar that does not compile
+                    r.out.put(e)
+                    r.out.put(None)
+        if not new:
+            return cache, mask, keep
+        own, own_mask, logits = self._prefill(new)
+        if own is None:
+            for r in new:
                 r.out.put(None)  # cancelled during prefill
-                continue
-            cache, mask = _merge(cache, mask, own, len(keep))
-            keep.append(r)
-        return cache, mask, keep
+            return cache, mask, keep
+        for i, r in enumerate(new):
+            r.logits = logits[i : i + 1]
+        cache, mask = _merge(cache if keep else None, mask, own, own_mask)
+        return cache, mask, keep + new
 
     def _emit_and_prune(self, rows: list[_Row], cache, mask):
         for r in rows:
@@ -241,15 +245,13 @@ class Batcher:
             r.logits = logits[i : i + 1]
 
 
-def _merge(cache, mask, own, rows_before: int):
-    """Append a one-row cache to the batch's, left-padding whichever is shorter."""
+def _merge(cache, mask, own, own_mask):
+    """Append new rows' cache to the batch's, left-padding whichever is shorter."""
     from transformers import DynamicCache
 
-    n = own.layers[0].keys.shape[-2]
-    row_mask = torch.ones(1, n, dtype=torch.long, device=own.layers[0].keys.device)
-    if cache is None or rows_before == 0:
-        return own, row_mask
-    t = mask.shape[1]
+    if cache is None:
+        return own, own_mask
+    n, t = own_mask.shape[1], mask.shape[1]
     width = max(t, n)
 
     def pad(x: torch.Tensor, to: int) -> torch.Tensor:
@@ -258,5 +260,5 @@ def _merge(cache, mask, own, rows_before: int):
     layers = [(torch.cat([pad(a.keys, width), pad(b.keys, width)]), torch.cat([pad(a.values, width), pad(b.values, width)]))
               for a, b in zip(cache.layers, own.layers)]
     mask = torch.cat([torch.cat([mask.new_zeros(mask.shape[0], width - t), mask], 1),
-                      torch.cat([row_mask.new_zeros(1, width - n), row_mask], 1)])
+                      torch.cat([own_mask.new_zeros(own_mask.shape[0], width - n), own_mask], 1)])
     return DynamicCache(ddp_cache_data=layers), mask

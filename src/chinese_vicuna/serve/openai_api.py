@@ -5,16 +5,17 @@ A request body must be ``application/json`` (415 otherwise: a browser can send `
 cross-site without a preflight) and is validated with bounded work before anything is rendered
 (body size, JSON depth, message count, prompt characters). Rendering, tokenization and grammar
 compilation run in a worker thread, so ``/health`` and other clients stay responsive. Then it is
-admitted: at most ``max_concurrency``
-requests generate and at most ``max_queue`` wait (FIFO); anything beyond gets 429 at once rather
-than hanging. An admitted request runs ``engine.stream`` in a worker thread (the engine lock
-serialises the model) and hands text deltas to the loop through an ``asyncio.Queue``. A client
+admitted: at most ``max_concurrency`` requests generate and at most ``max_queue`` wait (FIFO);
+anything beyond gets 429 at once rather than hanging. An admitted request runs ``engine.stream``
+in a worker thread and hands text deltas to the loop through an ``asyncio.Queue``. A client
 that goes away -- while queued, while streaming, or while waiting for a non-streamed answer --
 sets its job's cancel flag: the token loop stops within one token, and the slot is freed when the
 worker thread returns, never earlier, so the next request does not queue behind a ghost.
 
 With ``max_concurrency`` > 1 the HF engine batches the generating requests continuously
-(``generation.batch``): each keeps its own adapter, stops, sampling settings and grammar.
+(``generation.batch``): each keeps its own adapter, stops, sampling settings and grammar. Beam
+search and the llama.cpp backend run one request at a time under the engine lock. On SIGTERM
+(``drain``) every generation stops and open streams end with an error event.
 """
 
 from __future__ import annotations
