@@ -294,7 +294,10 @@ def estimate(
         parts["activations (all layers)"] = L * one_layer
     # the largest transient of a layer's backward: the attention probabilities' gradient and softmax
     # backward (eager kernels), or the MLP's intermediate gradients
-    parts["backward workspace"] = (tokens * max(ATTENTION_BACKWARD * attn_probs, 3 * i * compute_bytes)
+    # With a k-bit base, peft keeps embeddings and norms in fp32, so the residual stream and the backward's
+    # transients are fp32: twice the workspace (measured: QLoRA at 2048 tokens, with and without checkpointing).
+    attn_backward = ATTENTION_BACKWARD * (2 if q != "none" else 1)
+    parts["backward workspace"] = (tokens * max(attn_backward * attn_probs, 3 * i * compute_bytes)
                                    + tokens * h * 4 * 2)
     # the fused loss: final hidden states, one chunk of fp32 logits with its softmax and gradient
     chunk = min(cfg.train.loss_chunk_size or tokens, tokens)
