@@ -284,7 +284,7 @@ def test_responses_api(server):
     call = next(o for o in called.output if o.type == "function_call")
     assert call.name == "get_weather" and call.call_id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
-    follow = c.responses.create(model="a", temperature=0, max_output_tokens=4, input=[
+    follow = c.responses.create(model="a", temperature=0, max_output_tokens=4, tools=tools, input=[
         {"role": "user", "content": Q}, {"type": "function_call", "call_id": call.call_id, "name": call.name,
                                          "arguments": call.arguments},
         {"type": "function_call_output", "call_id": call.call_id, "output": "晴"}])
