@@ -7,9 +7,10 @@ parallelism give the mean over the global batch, exactly as for SFT.
 
 Log-probabilities are per-sequence sums over the reply's trained tokens, computed by the same fused
 head + cross-entropy as SFT (:func:`..loss.sequence_logprobs`), chosen and rejected in one forward.
-The reference model's log-probabilities (DPO, IPO, KTO) are computed once, before training, with
-the trained adapter disabled (or ``ref_adapter`` active; for full fine-tuning: the initial weights),
-so no second model is kept in memory and no reference forward runs per step.
+The reference model's log-probabilities (DPO, IPO, KTO) are computed once per sample: with the
+trained adapter disabled when a micro-batch is first collated (the base never changes), or before
+the first update for a ``ref_adapter``, a PiSSA/OLoRA start or full fine-tuning (the initial
+weights). No second model is kept in memory.
 
 Loss formulas (``pc``/``pr``: policy log-probs of chosen/rejected, ``rc``/``rr``: reference's,
 ``n``: reply tokens, ``b``: pref_beta, ``ls``: label_smoothing), as TRL computes them:
@@ -155,6 +156,7 @@ class PreferenceObjective:
 
     def collate(self, samples: list, pad_id: int, device) -> dict:
         """Pairs: chosen rows then rejected rows of one padded batch (one forward for both)."""
+        self._ensure_ref(samples)
         if self.kto:
             rows = [s.sample for s in samples]
             batch = collate(rows, pad_id)
@@ -221,16 +223,52 @@ class PreferenceObjective:
             return model.disable_adapter()
         return contextlib.nullcontext()  # full fine-tuning: called before any update, the weights are the initial ones
 
+    def _lazy(self) -> bool:
+        """The reference is the base with the adapter disabled: computable at any time, so only when needed."""
+        model = self._model().model
+        if self.trainer.cfg.pref.ref_adapter or not hasattr(model, "disable_adapter"):
+            return False
+        from ..model.variants import is_mutating
+
+        return not is_mutating(model.peft_config[model.active_adapter].init_lora_weights)
+
+    @staticmethod
+    def _rows(s) -> list[Sample]:
+        return [s.sample, s.kl] if isinstance(s, KTOSample) else [s.chosen, s.rejected]
+
+    @staticmethod
+    def _set_ref(s, a: float, b: float) -> None:
+        if isinstance(s, KTOSample):
+            s.ref, s.ref_kl = a, b
+        else:
+            s.ref = (a, b)
+
+    def _ensure_ref(self, samples: list) -> None:
+        """Reference log-probs of the samples that have none yet: one forward per micro-batch, kept for the run."""
+        missing = [s for s in samples if not hasattr(s, "ref")] if self.needs_ref else []
+        if not missing:
+            return
+        with self._reference_context():
+            lp = self._logps([r for s in missing for r in self._rows(s)])
+        for k, s in enumerate(missing):
+            self._set_ref(s, float(lp[2 * k]), float(lp[2 * k + 1]))
+
     def prepare(self) -> None:
-        """Reference log-probs of every train/validation reply (and KTO's KL pairs), once, sharded over processes."""
-        if not self.needs_ref:
+        """Reference log-probs that cannot wait: computed once, before the first update, sharded over processes.
+
+        With the adapter disabled the reference is the base, which training never changes: each
+        sample's reference is then computed when its micro-batch is first collated (the same total
+        work as a pass over the data, and none for data a short run never reaches). A ``ref_adapter``,
+        a PiSSA/OLoRA start or full fine-tuning need the model as it is now: all of the data, here.
+        """
+        if not self.needs_ref or self._lazy():
             return
         t = self.trainer
         acc = t.accelerator
         samples = list(t.data.train) + list(t.data.val)
         rows: list[Sample] = []
         for s in samples:
-            rows += [s.sample, s.kl] if isinstance(s, KTOSample) else [s.chosen, s.rejected]
+            rows += self._rows(s)
         mine = list(range(acc.process_index, len(rows), t.world))
         if acc.is_main_process:
             print(f"reference log-probs: {len(rows)} replies" + (f" on {t.world} processes" if t.world > 1 else ""))
@@ -240,11 +278,7 @@ class PreferenceObjective:
         full[torch.tensor(mine, dtype=torch.long, device=acc.device)] = part.to(acc.device)
         full = acc.reduce(full, "sum").cpu() if t.world > 1 else full.cpu()
         for k, s in enumerate(samples):
-            a, b = float(full[2 * k]), float(full[2 * k + 1])
-            if isinstance(s, KTOSample):
-                s.ref, s.ref_kl = a, b
-            else:
-                s.ref = (a, b)
+            self._set_ref(s, float(full[2 * k]), float(full[2 * k + 1]))
 
     # ---------------------------------------------------------------- loss
     def begin_step(self, batches: list[dict]) -> None:
