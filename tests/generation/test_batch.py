@@ -9,6 +9,7 @@ import time
 import jsonschema
 import pytest
 
+from chinese_vicuna.generation import batch
 from chinese_vicuna.generation.constrain import Constraint
 from chinese_vicuna.generation.decode import GenArgs, instruction_conversation
 from chinese_vicuna.generation.engine import Engine
@@ -85,3 +86,20 @@ def test_stop_and_cancel_leave_the_batch(engines):
     assert stream.finish_reason == "cancelled" and stream.completion_tokens < 20
     # the scheduler is free again
     assert batched.generate(conv, GenArgs(max_new_tokens=4, repetition_penalty=1.0)).completion_tokens == 4
+
+
+def test_cancel_during_batched_prefill(engines, monkeypatch):
+    _, batched = engines
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 4)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 1  # the client leaves after the first chunk of its prompt
+
+    stream = batched.stream(instruction_conversation("天空为什么是蓝色的？" * 4), GenArgs(max_new_tokens=50), cancel=cancel)
+    assert stream.run() == "" and stream.finish_reason == "cancelled" and stream.completion_tokens == 0
+    with pytest.raises(ValueError, match="no-such-format"):  # a bad grammar fails in the caller, not the batch
+        batched.generate(instruction_conversation("x"), GenArgs(max_new_tokens=4, constraint=Constraint(
+            "json", {"type": "object", "properties": {"d": {"type": "string", "format": "no-such-format"}}})))
+    assert batched.generate(instruction_conversation("你好"), GenArgs(max_new_tokens=3)).completion_tokens == 3

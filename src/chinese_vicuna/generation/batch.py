@@ -91,6 +91,7 @@ class _Row:
     sampler: RowSampler | None = None
     logits: torch.Tensor | None = None
     done: bool = False
+    admitted: bool = False
     abandoned: bool = False
     """The consumer stopped reading (a stop string, or it went away)."""
 
@@ -113,6 +114,10 @@ class Batcher:
         """Steps for one request, produced by the scheduler thread (``TextStream(steps=...)``)."""
         row = _Row(list(prompt), gen, adapter, cancel,
                    logprobs=[] if gen.logprobs is not None else None)
+        # Built here, in the caller's thread: compiling a grammar must not stall the running batch.
+        engine = self.engine
+        row.sampler = RowSampler(gen, row.prompt, engine.eos_ids(), engine.vocab_size,
+                                 next(engine.model.parameters()).device, engine.tokenizer)
         with self._start:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -181,18 +186,8 @@ class Batcher:
 
     def _admit(self, rows: list[_Row], cache, mask):
         """Prefill the rows that have no logits yet, together, and merge their cache into the batch's."""
-        keep = [r for r in rows if r.sampler is not None]
-        new = []
-        device = next(self.engine.model.parameters()).device
-        for r in rows:
-            if r.sampler is None:
-                try:
-                    r.sampler = RowSampler(r.gen, r.prompt, self.engine.eos_ids(), self.engine.vocab_size, device,
-                                           self.engine.tokenizer)
-                    new.append(r)
-                except Exception as e:  # e.g. a grammar that does not compile
-                    r.out.put(e)
-                    r.out.put(None)
+        keep = [r for r in rows if r.admitted]
+        new = [r for r in rows if not r.admitted]
         if not new:
             return cache, mask, keep
         own, own_mask, logits = self._prefill(new)
@@ -201,7 +196,7 @@ class Batcher:
                 r.out.put(None)  # cancelled during prefill
             return cache, mask, keep
         for i, r in enumerate(new):
-            r.logits = logits[i : i + 1]
+            r.logits, r.admitted = logits[i : i + 1], True
         cache, mask = _merge(cache if keep else None, mask, own, own_mask)
         return cache, mask, keep + new
 
