@@ -356,6 +356,13 @@ def test_serve_flag_errors(monkeypatch, capsys):
     monkeypatch.setenv("CHINESE_VICUNA_API_KEY", "env-key")
     assert _api_key(build_parser().parse_args(["serve"])) == "env-key"
     assert _api_key(build_parser().parse_args(["serve", "--api-key", "flag-key"])) == "flag-key"
+    args = build_parser().parse_args(["serve", "--n-ctx", "1024", "--n-gpu-layers", "-1", "--cors-origins", "a,b"])
+    assert (args.n_ctx, args.n_gpu_layers, args.cors_origins) == (1024, -1, "a,b")
+    assert main(["serve", "--n-ctx", "1024"]) == 2  # an hf backend has no n_ctx to set
+    assert "llama.cpp settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--n-ctx", "0"])
+    assert "positive" in capsys.readouterr().err
 
 
 def test_admission_queue():
