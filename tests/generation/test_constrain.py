@@ -123,7 +123,8 @@ def test_tool_prompt_and_call_round_trip():
     text = render_call("get_weather", {"city": "北京"}) + "\n" + render_call("time", {})
     assert text == '<tool_call>{"name":"get_weather","arguments":{"city":"北京"}}</tool_call>\n' \
                    '<tool_call>{"name":"time","arguments":{}}</tool_call>'
-    assert parse_tool_calls("好的 " + text) == ("好的", [{"name": "get_weather", "arguments": {"city": "北京"}},
-                                                       {"name": "time", "arguments": {}}])
+    assert parse_tool_calls("好的 " + text) == ("好的", [
+        {"name": "get_weather", "arguments": {"city": "北京"}, "raw": '{"city":"北京"}'},
+        {"name": "time", "arguments": {}, "raw": "{}"}])
     assert parse_tool_calls("no calls") is None and parse_tool_calls("<tool_call>{broken") is None
     assert parse_tool_calls(text + '<tool_call>{"name":"cut')[1] == parse_tool_calls(text)[1]  # cut by max_tokens

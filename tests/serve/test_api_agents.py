@@ -425,3 +425,22 @@ def test_smollm2_agents(tmp_path):
         assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 2]
     finally:
         proc.stop()
+
+
+def test_tool_call_arguments_stream_as_written():
+    from chinese_vicuna.serve.replies import _Choice
+
+    text = ' <tool_call>{"name":"get_weather","arguments":{"city":"北京","note":"}</x>"}}</tool_call>' \
+           '<tool_call>{"name":"time","arguments":{}}</tool_call>'
+    ch = _Choice("", strip=True, tools=True)
+    deltas = []
+    for piece in [text[i : i + 3] for i in range(0, len(text), 3)]:
+        assert ch.push(piece) == ""
+        deltas += ch.call_deltas()
+    heads = [d for d in deltas if "id" in d]
+    assert [(d["index"], d["function"]["name"]) for d in heads] == [(0, "get_weather"), (1, "time")]
+    args = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == k) for k in (0, 1)]
+    assert args == ['{"city":"北京","note":"}</x>"}', "{}"]
+    assert len([d for d in deltas if d["index"] == 0]) > 3  # really incremental
+    calls = ch.calls()
+    assert [c["function"]["arguments"] for c in calls] == args and [c["id"] for c in calls] == [d["id"] for d in heads]

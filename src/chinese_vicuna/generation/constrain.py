@@ -172,7 +172,15 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]] | None:
             if k == len(pieces) - 1 and calls:
                 break
             return None
-        calls.append({"name": obj["name"], "arguments": obj.get("arguments", {})})
+        args = obj.get("arguments", {})
+        # the arguments as the model wrote them (what a stream sends), if that text is exactly them
+        raw = body.split('"arguments":', 1)[-1].strip()[:-1].strip() if body.rstrip().endswith("}") else ""
+        try:
+            same = json.loads(raw) == args
+        except ValueError:
+            same = False
+        calls.append({"name": obj["name"], "arguments": args,
+                      "raw": raw if same else json.dumps(args, ensure_ascii=False)})
     return head.strip(), calls
 
 

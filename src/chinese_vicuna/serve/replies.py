@@ -8,12 +8,13 @@ entries (``token``, ``logprob``, ``bytes``, ``top_logprobs``) for the tokens beh
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..generation.constrain import CALL_OPEN, parse_tool_calls
+from ..generation.constrain import CALL_CLOSE, CALL_OPEN, parse_tool_calls
 from .schemas import APIError
 
 
@@ -38,6 +39,10 @@ def _completion_logprobs(entries: list[dict], offset: int) -> dict:
             "text_offset": offsets}
 
 
+_CALL_HEAD = re.compile(r'\s*' + re.escape(CALL_OPEN) + r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
+_CALL_END = "}" + CALL_CLOSE
+
+
 class _Choice:
     """One choice's text, held back while it may still turn out to be a tool call."""
 
@@ -47,6 +52,38 @@ class _Choice:
         self.mode = "text" if not tools else "undecided"
         self.finish: str | None = None
         self.logprobs: list[dict] = []
+        self.streamed: list[dict] = []
+        """Calls announced in a stream so far: id, name, where the arguments start, what was sent."""
+        self._pos = 0
+
+    def call_deltas(self) -> list[dict]:
+        """Streaming: ``tool_calls`` delta entries for what the model has written since the last call.
+
+        A call is announced (id, name) once its name is complete; its arguments then follow as
+        they are written, holding back only what could be the closing ``}</tool_call>``.
+        """
+        out = []
+        while True:
+            cur = self.streamed[-1] if self.streamed and self.streamed[-1]["open"] else None
+            if cur is None:
+                m = _CALL_HEAD.match(self.held, self._pos)
+                if m is None:
+                    return out
+                cur = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": m.group(1), "start": m.end(), "sent": "",
+                       "open": True}
+                self.streamed.append(cur)
+                out.append({"index": len(self.streamed) - 1, "id": cur["id"], "type": "function",
+                            "function": {"name": cur["name"], "arguments": ""}})
+            body = self.held[cur["start"] :]
+            end = body.find(_CALL_END)
+            ready = body[:end] if end >= 0 else body[: max(0, len(body) - len(_CALL_END))]
+            if len(ready) > len(cur["sent"]) and ready.startswith(cur["sent"]):
+                out.append({"index": len(self.streamed) - 1, "function": {"arguments": ready[len(cur["sent"]) :]}})
+                cur["sent"] = ready
+            if end < 0:
+                return out
+            cur["open"] = False
+            self._pos = cur["start"] + end + len(_CALL_END)
 
     def push(self, delta: str) -> str:
         """Text that may be shown now."""
@@ -77,9 +114,9 @@ class _Choice:
             return None
         head, calls = parsed
         self.text += head
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                for c in calls]
+        ids = [c["id"] for c in self.streamed] + [f"call_{uuid.uuid4().hex[:24]}" for _ in calls]
+        return [{"id": ids[k], "type": "function", "function": {"name": c["name"], "arguments": c["raw"]}}
+                for k, c in enumerate(calls)]
 
 
 class Reply:
@@ -162,12 +199,17 @@ class Reply:
                     finish = data[0]
                     if ch.mode != "text":  # held back: tool calls, or text that began like one
                         calls = ch.calls()
-                        if calls:
+                        if calls:  # what the stream has not sent yet
                             for k, c in enumerate(calls):
                                 fn = c["function"]
-                                yield chunk(i, {"tool_calls": [{"index": k, "id": c["id"], "type": "function",
-                                                                "function": {"name": fn["name"], "arguments": ""}}]})
-                                yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]})
+                                sent = ch.streamed[k]["sent"] if k < len(ch.streamed) else None
+                                if sent is None:
+                                    yield chunk(i, {"tool_calls": [{"index": k, "id": c["id"], "type": "function",
+                                                                    "function": {"name": fn["name"], "arguments": ""}}]})
+                                    sent = ""
+                                if len(fn["arguments"]) > len(sent) and fn["arguments"].startswith(sent):
+                                    rest = fn["arguments"][len(sent) :]
+                                    yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": rest}}]})
                             finish = "tool_calls" if finish == "stop" else finish
                         elif ch.text:
                             yield chunk(i, {"content": ch.text})
@@ -175,6 +217,10 @@ class Reply:
                     continue
                 before = len(ch.text)
                 text = ch.push(data[0])
+                if ch.mode == "calls":
+                    for entry in ch.call_deltas():
+                        yield chunk(i, {"tool_calls": [entry]})
+                    continue
                 if ch.mode != "text":
                     continue  # held: maybe a tool call
                 lp = data[1] if self.logprobs else None
