@@ -258,6 +258,9 @@ def test_embeddings(server, tiny_model_dir, tokenizer):
     same = c.embeddings.create(model=base_name(server), input=[texts[0], texts[0]]).data
     assert same[0].embedding == same[1].embedding
     assert post(server, "/v1/embeddings", {"model": "a", "input": []}).status_code == 400
+    assert len(c.embeddings.create(model="a", input="x", dimensions=32).data[0].embedding) == 32
+    bad = post(server, "/v1/embeddings", {"model": "a", "input": "x", "dimensions": 16})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "dimensions"
 
 
 def test_responses_api(server):
@@ -444,3 +447,32 @@ def test_tool_call_arguments_stream_as_written():
     assert len([d for d in deltas if d["index"] == 0]) > 3  # really incremental
     calls = ch.calls()
     assert [c["function"]["arguments"] for c in calls] == args and [c["id"] for c in calls] == [d["id"] for d in heads]
+
+
+def test_llamacpp_backend_server(tmp_path, tiny_model_dir, tiny_adapter_dir):
+    """The same API on --backend llama.cpp: adapters per request, grammar, tools, logprobs; no embeddings."""
+    from chinese_vicuna.tools.gguf import export_gguf
+
+    gguf = export_gguf(str(tiny_model_dir), tmp_path / "tiny.gguf", gguf_type="f32")
+    cf = _serve_conftest()
+    args = ["--backend", "llama.cpp", "--model", str(gguf), "--adapter", f"a={tiny_adapter_dir}", "--n-ctx", "512"]
+    proc = cf.ServerProcess(args, tmp_path / "serve.log", cf._env(None)).ready()
+    try:
+        c = client(proc)
+        assert [m.id for m in c.models.list().data] == ["tiny", "a"]
+        msgs = [{"role": "user", "content": Q}]
+        tuned = c.chat.completions.create(model="a", messages=msgs, temperature=0, max_tokens=8).choices[0]
+        base = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=8).choices[0]
+        assert tuned.message.content != base.message.content
+        r = c.chat.completions.create(model="a", messages=msgs, temperature=0, max_tokens=80,
+                                      response_format=_fmt(SCHEMA), logprobs=True, top_logprobs=2).choices[0]
+        jsonschema.validate(json.loads(r.message.content), SCHEMA)
+        assert len(r.logprobs.content) > 0 and all(len(e.top_logprobs) == 2 for e in r.logprobs.content)
+        call = c.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required", temperature=0,
+                                         parallel_tool_calls=False, max_tokens=60).choices[0].message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMS)
+        assert c.responses.create(model="a", input=Q, max_output_tokens=4, temperature=0).usage.output_tokens <= 4
+        bad = post(proc, "/v1/embeddings", {"model": "a", "input": "x"})
+        assert bad.status_code == 400 and "--backend hf" in bad.json()["error"]["message"]
+    finally:
+        proc.stop()
