@@ -449,6 +449,7 @@ def test_tool_call_arguments_stream_as_written():
     assert [c["function"]["arguments"] for c in calls] == args and [c["id"] for c in calls] == [d["id"] for d in heads]
 
 
+@pytest.mark.slow  # the engine-level llama.cpp tests (tests/generation) cover each feature in the default run
 def test_llamacpp_backend_server(tmp_path, tiny_model_dir, tiny_adapter_dir):
     """The same API on --backend llama.cpp: adapters per request, grammar, tools, logprobs; no embeddings."""
     from chinese_vicuna.tools.gguf import export_gguf
