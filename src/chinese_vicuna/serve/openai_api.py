@@ -246,6 +246,9 @@ def create_app(
         adapter = server.adapter_for(req.model)
         inputs = req.inputs(len(engine.tokenizer))
         server.check_prompt_size(max((len(x) for x in inputs if isinstance(x, str)), default=0), "input")
+        width = getattr(getattr(engine.model, "config", None), "hidden_size", None)
+        if req.dimensions is not None and width and req.dimensions != width:
+            raise APIError(400, f"dimensions: this model's embeddings have {width} dimensions.", param="dimensions")
         try:
             vectors, tokens = await server.exclusive(request, engine.embed, inputs, adapter)
         except Exception as e:  # the llama.cpp backend has no embeddings: say so
@@ -254,9 +257,6 @@ def create_app(
             if isinstance(e, ConfigError):
                 raise APIError(400, str(e), param="model") from None
             raise
-        if req.dimensions is not None and req.dimensions != len(vectors[0]):
-            raise APIError(400, f"dimensions: this model's embeddings have {len(vectors[0])} dimensions.",
-                           param="dimensions")
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": req.model,
