@@ -144,6 +144,35 @@ def test_start_refuses_paths_outside_and_bad_config_before_starting(board):
     assert board.runs.procs == {}  # nothing was started
 
 
+def test_evaluate_handlers_match_the_eval_functions(board, tiny_model_dir, tiny_adapter_dir):
+    """Perplexity and compare in the page give what ``eval ppl`` / ``eval compare``'s functions give."""
+    from chinese_vicuna.eval import compare as cmp
+    from chinese_vicuna.eval.perplexity import perplexity
+    from chinese_vicuna.generation.decode import GenArgs
+    from chinese_vicuna.model.adapters import load_for_inference
+
+    shutil.copytree(tiny_model_dir, board.workdir / "models" / "tiny")
+    shutil.copytree(tiny_adapter_dir, board.workdir / "outputs" / "tuned")
+    text = "今天天气很好，我们去公园散步吧。" * 8
+    (board.workdir / "data" / "t.txt").write_text(text, encoding="utf-8")
+    table = board.perplexity(["outputs/tuned"], "data/t.txt", "models/tiny").splitlines()
+    assert table[:2] == ["| model | perplexity | tokens | bits/char |", "|---|---|---|---|"]
+    for row, adapters in zip(table[2:], ([], [str(board.workdir / "outputs" / "tuned")]), strict=True):
+        model, tok, _ = load_for_inference(str(board.workdir / "models" / "tiny"), adapters)
+        ref = perplexity(model, tok, text, window=256, stride=128, progress=False)
+        name = "tuned" if adapters else "base"
+        assert row == f"| {name} | {ref['ppl']:.3f} | {ref['scored_tokens']} | {ref['bits_per_char']:.3f} |"
+    write_prompts = [{"instruction": "介绍一下杭州。", "input": ""}, {"instruction": "翻译", "input": "hello"}]
+    (board.workdir / "data" / "p.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in write_prompts))
+    df, msg = board.compare(["outputs/tuned"], "data/p.jsonl", 0, 6, None)
+    assert msg == "compared 2 prompts: base, tuned" and list(df.columns) == ["prompt", "base", "tuned"]
+    ref = cmp.compare([("介绍一下杭州。", ""), ("翻译", "hello")], [f"tuned={board.workdir / 'outputs' / 'tuned'}"],
+                      None, GenArgs(max_new_tokens=6))
+    assert list(df["base"]) == ref["base"] and list(df["tuned"]) == ref["tuned"] and list(df["prompt"]) == ["介绍一下杭州。", "翻译\nhello"]
+    assert board.compare(["../a"], "data/p.jsonl", 0, 6, None)[1] == (
+        "error: adapter: ../a: '..' is not allowed in paths typed into the board")
+
+
 def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "chinese_vicuna", *map(str, args)], cwd=cwd, env=env,
