@@ -52,7 +52,7 @@ def test_json_schema_grammar_and_tools(cpp):
     out = cpp.generate(conv, GenArgs(max_new_tokens=60, repetition_penalty=1.0,
                                      constraint=Constraint("tools", tools=(tool,), required=True, parallel=False)))
     head, calls = parse_tool_calls(out.text)
-    assert calls == [{"name": "f", "arguments": {"x": calls[0]["arguments"]["x"]}}]
+    assert [(c["name"], set(c["arguments"])) for c in calls] == [("f", {"x"})]
     assert calls[0]["arguments"]["x"] in (1, 2)
     with pytest.raises(ConstraintError):
         cpp.check_constraint(Constraint("json", {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}))
