@@ -111,7 +111,8 @@ STOPPER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "file"])
+# SIGINT takes the same path as SIGTERM (one handler); its subprocess run is in the slow set
+@pytest.mark.parametrize("how", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow), "file"])
 def test_stop_leaves_a_resumable_checkpoint_and_resume_matches_uninterrupted(how, tiny_model_dir, data_file, tmp_path):
     common = dict(max_steps=5, save_steps=4)
     ref = tmp_path / "ref"
