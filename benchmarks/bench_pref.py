@@ -46,10 +46,12 @@ def bf16() -> bool:
 def batch_order(n: int, steps: int) -> list[int]:
     """Our trainer's micro-batch plan for epoch 0 (no length grouping), flattened: what TRL is fed."""
     from chinese_vicuna.data.collate import plan_batches
+    from chinese_vicuna.data.datasets import split
 
+    records = split(list(range(n)), 0.0, COMMON["seed"])[0]  # the trainer's seeded shuffle of the records
     plan = plan_batches([1] * n, COMMON["micro"], COMMON["seed"], 0, group_by_length=False)
     need = steps * COMMON["batch"] // COMMON["micro"]
-    return [i for mb in plan[:need] for i in mb]
+    return [records[i] for mb in plan[:need] for i in mb]
 
 
 def run_ours(steps: int) -> dict:
@@ -77,7 +79,8 @@ def run_ours(steps: int) -> dict:
     trainer = run_training(load_config(None, [x for k, v in args.items() for x in (f"--{k}", str(v))]), progress_bar=False)
     seconds = trainer.timing["train_s"] + timing["reference_s"]
     losses = [r["loss"] for r in trainer.history]
-    return {"variant": "ours", "seconds": seconds, "reference_s": timing["reference_s"], "pairs": steps * c["batch"],
+    first = trainer.history[0]
+    return {"variant": "ours", "step1_logps": [first["logps/chosen"], first["logps/rejected"]], "seconds": seconds, "reference_s": timing["reference_s"], "pairs": steps * c["batch"],
             "losses": losses, "peak_rss_mb": peak_rss_mb(), "n_pairs": len(trainer.data.train)}
 
 
@@ -130,9 +133,10 @@ def run_trl(steps: int, checkpointing: bool) -> dict:
     lora = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, target_modules=c["targets"], task_type="CAUSAL_LM")
     trainer = Sequential(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[clock])
     trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    losses = [r["loss"] for r in logged]
     name = "TRL DPOTrainer (default: gradient checkpointing)" if checkpointing else "TRL DPOTrainer (no checkpointing)"
-    return {"variant": name, "seconds": clock.seconds, "pairs": steps * c["batch"], "losses": losses,
+    return {"variant": name, "step1_logps": [logged[0].get("logps/chosen"), logged[0].get("logps/rejected")], "seconds": clock.seconds, "pairs": steps * c["batch"], "losses": losses,
             "peak_rss_mb": peak_rss_mb(), "n_pairs": len(rows)}
 
 
@@ -177,7 +181,10 @@ def main() -> None:
     for r in results:
         print(f"| {r['variant']} | {r['pairs_per_s']:.2f} | {r['pairs_per_s'] / fastest['pairs_per_s']:.2f}x | "
               f"{r['peak_rss_mb']:.0f} | {r['mean_loss']:.4f} | {r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
-    print(f"(ours includes its reference pass over all {ours['n_pairs']} pairs: {ours['reference_s']:.1f} s)")
+    print("step 1, mean log-probs of the same 8 pairs before any update (chosen / rejected): "
+          + "; ".join(f"{r['variant']}: {r['step1_logps'][0]:.2f} / {r['step1_logps'][1]:.2f}" for r in results))
+    print("(both run a reference forward for each pair they train on: TRL inside each step, ours when the pair is "
+          "first collated, kept for later epochs)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu, "steps": args.steps, "results": results}, indent=2))
