@@ -150,7 +150,8 @@ class SFTTrainer:
         self.world = acc.num_processes
         engine = acc.distributed_type.value
         if acc.is_main_process:
-            print(f"engine: {engine}, {self.world} process{'es' if self.world > 1 else ''} on {acc.device.type}")
+            shown = "single process" if engine == "NO" else engine  # accelerate's name for no distribution is "NO"
+            print(f"engine: {shown}, {self.world} process{'es' if self.world > 1 else ''} on {acc.device.type}")
             for name, on in asked.items():
                 if on and engine != name:  # accelerate's FSDP/DeepSpeed need an accelerator; it says nothing itself
                     print(f"warning: the launch config asks for {name}, but accelerate runs {engine} on "
