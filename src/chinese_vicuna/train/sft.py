@@ -344,77 +344,79 @@ class SFTTrainer:
         # SIGTERM / Ctrl-C / a STOP file: finish the step, write a checkpoint, return (resume continues it)
         stop = StopRequest(t.output_dir, acc)
         self.stopped_at: int | None = None
-        for step in range(start, self.total_steps):
-            batches = self.step_batches(step)
-            # the step's units (trained tokens; pairs or replies for preference stages) on all processes
-            n_local = sum(self.objective.count(b) for b in batches)
-            n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
-            self.objective.begin_step(batches)
-            step_loss = torch.zeros((), device=acc.device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                ctx = contextlib.nullcontext() if last else acc.no_sync(self.wrapper)
-                # accelerate's DeepSpeed engine steps inside backward() whenever sync_gradients is set (and
-                # nothing else in this loop sets it): only the step's last micro-batch may be a boundary.
-                acc.gradient_state._set_sync_gradients(last)
-                with ctx:
-                    loss_sum = self.objective.loss(self.wrapper, batch)
-                    # mean over the trained tokens (pairs) of the whole step, on every process
-                    acc.backward(loss_sum * self.world / n_global.clamp(min=1))
-                step_loss += loss_sum.detach()
-                mask = batch.get("attention_mask")
-                log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
-            log.tokens(0, sum(self.objective.trained_tokens(b) for b in batches))
-            grad_norm = None
-            if t.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(self._trainable, t.max_grad_norm)
-            self.optimizer.step()
-            # fp16: a step whose gradients overflowed was skipped by the grad scaler (which lowered its
-            # scale instead); the schedule must not advance for an update that never happened.
-            if not self.optimizer.step_was_skipped:
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.progress.step = step + 1
-            loss_acc += step_loss
-            tok_acc += n_global / self.world
-            log.advance()
-            done = step + 1
-            metrics = {}
-            if done % t.logging_steps == 0 or done == self.total_steps or done == start + 1:
-                total_loss = acc.reduce(loss_acc, "sum")
-                total_tok = acc.reduce(tok_acc, "sum")
-                metrics["loss"] = float(total_loss / total_tok.clamp(min=1))
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                metrics.update(self.objective.pop_metrics())
-                loss_acc.zero_()
-                tok_acc.zero_()
-            now = time.perf_counter()
-            self.timing["train_s"] += now - tick
-            tick = now
-            if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
-                metrics["val_loss"] = self.evaluate()
-                metrics.update(self.last_eval)
-                if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
-                    self.progress.best_val, self.progress.best_step = metrics["val_loss"], done
-            if metrics:
-                row = log.log(done, (done - self.progress.data_offset) / self.steps_per_epoch, **metrics)
-                self.history.append(row)
-            self.timing["eval_s"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            if done % t.save_steps == 0 or done == self.total_steps:
-                self.save_checkpoint()
-            for cb in self.callbacks:
-                cb(self, done, metrics)
-            self.timing["save_s"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            if done < self.total_steps and stop.requested():
-                if done % t.save_steps:
+        try:  # an exception in the loop (a callback, Ctrl-C twice) must not leave our handlers installed
+            for step in range(start, self.total_steps):
+                batches = self.step_batches(step)
+                # the step's units (trained tokens; pairs or replies for preference stages) on all processes
+                n_local = sum(self.objective.count(b) for b in batches)
+                n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
+                self.objective.begin_step(batches)
+                step_loss = torch.zeros((), device=acc.device)
+                for i, batch in enumerate(batches):
+                    last = i == len(batches) - 1
+                    ctx = contextlib.nullcontext() if last else acc.no_sync(self.wrapper)
+                    # accelerate's DeepSpeed engine steps inside backward() whenever sync_gradients is set (and
+                    # nothing else in this loop sets it): only the step's last micro-batch may be a boundary.
+                    acc.gradient_state._set_sync_gradients(last)
+                    with ctx:
+                        loss_sum = self.objective.loss(self.wrapper, batch)
+                        # mean over the trained tokens (pairs) of the whole step, on every process
+                        acc.backward(loss_sum * self.world / n_global.clamp(min=1))
+                    step_loss += loss_sum.detach()
+                    mask = batch.get("attention_mask")
+                    log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
+                log.tokens(0, sum(self.objective.trained_tokens(b) for b in batches))
+                grad_norm = None
+                if t.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(self._trainable, t.max_grad_norm)
+                self.optimizer.step()
+                # fp16: a step whose gradients overflowed was skipped by the grad scaler (which lowered its
+                # scale instead); the schedule must not advance for an update that never happened.
+                if not self.optimizer.step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.progress.step = step + 1
+                loss_acc += step_loss
+                tok_acc += n_global / self.world
+                log.advance()
+                done = step + 1
+                metrics = {}
+                if done % t.logging_steps == 0 or done == self.total_steps or done == start + 1:
+                    total_loss = acc.reduce(loss_acc, "sum")
+                    total_tok = acc.reduce(tok_acc, "sum")
+                    metrics["loss"] = float(total_loss / total_tok.clamp(min=1))
+                    metrics["lr"] = self.scheduler.get_last_lr()[0]
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    metrics.update(self.objective.pop_metrics())
+                    loss_acc.zero_()
+                    tok_acc.zero_()
+                now = time.perf_counter()
+                self.timing["train_s"] += now - tick
+                tick = now
+                if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
+                    metrics["val_loss"] = self.evaluate()
+                    metrics.update(self.last_eval)
+                    if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
+                        self.progress.best_val, self.progress.best_step = metrics["val_loss"], done
+                if metrics:
+                    row = log.log(done, (done - self.progress.data_offset) / self.steps_per_epoch, **metrics)
+                    self.history.append(row)
+                self.timing["eval_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                if done % t.save_steps == 0 or done == self.total_steps:
                     self.save_checkpoint()
-                self.stopped_at = done
-                break
-        stop.close()
+                for cb in self.callbacks:
+                    cb(self, done, metrics)
+                self.timing["save_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                if done < self.total_steps and stop.requested():
+                    if done % t.save_steps:
+                        self.save_checkpoint()
+                    self.stopped_at = done
+                    break
+        finally:
+            stop.close()
         log.close("stopped" if self.stopped_at else "finished")
         if acc.is_main_process:
             print(compare_line(self.memory_plan.peak_mib))
