@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,40 +163,74 @@ class LoadResult:
     duplicates: int = 0
 
 
+def read_sources(
+    sources: list[Source],
+    convert: Callable[[Any, str, Source], list],
+    key: Callable[[Any], tuple],
+    on_bad_record: str = "error",
+    dedup: bool = True,
+    seed: int = 42,
+) -> tuple[list, list[dict], int]:
+    """Read every source, ``convert(record, where, source)`` each record to items, drop duplicate items
+    (by ``key``), apply the sources' weights (seeded). Returns ``(items, rejects, duplicates)``.
+
+    A RecordError stops with ``file:line`` (``on_bad_record: error``) or is collected as a reject.
+    """
+    if not sources:
+        raise DataError("no data: set data_path (a file, folder or hub id)")
+    seen: set = set()
+    out: list = []
+    rejects: list[dict] = []
+    duplicates = 0
+    rng = random.Random(seed)
+    for src in sources:
+        items: list = []
+        for where, record in iter_records(src.path):
+            try:
+                converted = convert(record, where, src)
+            except RecordError as e:
+                if on_bad_record == "error":
+                    raise DataError(str(e)) from None
+                rejects.append({"where": where, "error": str(e), "record": record})
+                continue
+            for item in converted:
+                if dedup:
+                    k = key(item)
+                    if k in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(k)
+                items.append(item)
+        if not items and not rejects:
+            raise DataError(f"{src.path}: no records found")
+        whole, frac = int(src.weight), src.weight - int(src.weight)
+        picked = items * whole
+        if frac:
+            picked += rng.sample(items, round(len(items) * frac))
+        out += picked
+    return out, rejects, duplicates
+
+
+def report_rejects(rejects: list[dict], rejects_path: str | None) -> None:
+    """Write skipped records to ``rejects_path`` (JSONL) and say how many there were."""
+    if not rejects:
+        return
+    if rejects_path:
+        Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(rejects_path, "w", encoding="utf-8") as f:
+            for r in rejects:
+                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    print(f"skipped {len(rejects)} bad records" + (f" (written to {rejects_path})" if rejects_path else ""))
+
+
 def load_conversations(
     sources: list[Source], on_bad_record: str = "error", dedup: bool = True, seed: int = 42
 ) -> LoadResult:
     """Read every source, convert records, drop duplicates, apply weights (seeded)."""
-    if not sources:
-        raise DataError("no data: set data_path (a file, folder or hub id)")
-    seen: set = set()
-    result = LoadResult([])
-    rng = random.Random(seed)
-    for src in sources:
-        convs: list[Conversation] = []
-        for where, record in iter_records(src.path):
-            try:
-                conv = to_conversation(record, src.format, where)
-            except RecordError as e:
-                if on_bad_record == "error":
-                    raise DataError(str(e)) from None
-                result.rejects.append({"where": where, "error": str(e), "record": record})
-                continue
-            if dedup:
-                key = conv.key()
-                if key in seen:
-                    result.duplicates += 1
-                    continue
-                seen.add(key)
-            convs.append(conv)
-        if not convs and not result.rejects:
-            raise DataError(f"{src.path}: no records found")
-        whole, frac = int(src.weight), src.weight - int(src.weight)
-        picked = convs * whole
-        if frac:
-            picked += rng.sample(convs, round(len(convs) * frac))
-        result.conversations += picked
-    return result
+    convs, rejects, duplicates = read_sources(
+        sources, lambda r, where, src: [to_conversation(r, src.format, where)], Conversation.key, on_bad_record, dedup, seed
+    )
+    return LoadResult(convs, rejects, duplicates)
 
 
 def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -240,13 +274,7 @@ def prepare(
 ) -> PreparedData:
     """From data sources to tokenized train/validation samples, with statistics."""
     loaded = load_conversations(sources, on_bad_record, dedup, seed)
-    if loaded.rejects:
-        if rejects_path:
-            Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(rejects_path, "w", encoding="utf-8") as f:
-                for r in loaded.rejects:
-                    f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-        print(f"skipped {len(loaded.rejects)} bad records" + (f" (written to {rejects_path})" if rejects_path else ""))
+    report_rejects(loaded.rejects, rejects_path)
     texts = [c for c in loaded.conversations if c.messages and c.messages[0].role == "text"]
     convs = [c for c in loaded.conversations if not (c.messages and c.messages[0].role == "text")]
     samples: list[Sample] = []

@@ -18,16 +18,14 @@ Chosen and rejected are rendered by the same template and whole-string tokenizat
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .datasets import DataError, Source, iter_records, split
+from .datasets import DataError, Source, read_sources, report_rejects, split
 from .formats import Conversation, Message, RecordError, _alpaca, _nonempty, _role_list, _string
 from .tokenize import Renderer, Sample
 
@@ -277,6 +275,12 @@ class LoadedPreferences:
     duplicates: int = 0
 
 
+def _item_key(r) -> tuple:
+    if isinstance(r, Preference):
+        return _key(r.prompt, r.chosen, r.rejected)
+    return _key(r.prompt, r.completion, str(r.desirable))
+
+
 def load_preferences(
     sources: list[Source], stage: str, on_bad_record: str = "error", dedup: bool = True, seed: int = 42
 ) -> LoadedPreferences:
@@ -285,45 +289,19 @@ def load_preferences(
     ``stage`` ``kto`` takes unpaired records, and paired ones split into a desirable and an
     undesirable record (as TRL's ``unpair_preference_dataset``); the paired stages need pairs.
     """
-    if not sources:
-        raise DataError("no data: set data_path (a file, folder or hub id)")
-    out = LoadedPreferences([])
-    seen: set = set()
-    rng = random.Random(seed)
     fmt_names = {"auto": "auto", "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "trl"}
-    for src in sources:
-        items = []
-        for where, record in iter_records(src.path):
-            try:
-                rec = to_preference(record, where, fmt_names.get(src.format, src.format))
-                if isinstance(rec, Unpaired) and stage != "kto":
-                    raise RecordError(
-                        where, "record", f"expected a chosen/rejected pair for stage {stage}; prompt/completion/label records are for stage kto"
-                    )
-            except RecordError as e:
-                if on_bad_record == "error":
-                    raise DataError(str(e)) from None
-                out.rejects.append({"where": where, "error": str(e), "record": record})
-                continue
-            recs = [rec]
-            if isinstance(rec, Preference) and stage == "kto":
-                recs = [Unpaired(rec.prompt, rec.chosen, True, where), Unpaired(rec.prompt, rec.rejected, False, where)]
-            for r in recs:
-                if dedup:
-                    key = _key(r.prompt, r.chosen, r.rejected) if isinstance(r, Preference) else _key(r.prompt, r.completion, str(r.desirable))
-                    if key in seen:
-                        out.duplicates += 1
-                        continue
-                    seen.add(key)
-                items.append(r)
-        if not items and not out.rejects:
-            raise DataError(f"{src.path}: no records found")
-        whole, frac = int(src.weight), src.weight - int(src.weight)
-        picked = items * whole
-        if frac:
-            picked += rng.sample(items, round(len(items) * frac))
-        out.records += picked
-    return out
+
+    def convert(record, where, src):
+        rec = to_preference(record, where, fmt_names.get(src.format, src.format))
+        if isinstance(rec, Unpaired) and stage != "kto":
+            raise RecordError(
+                where, "record", f"expected a chosen/rejected pair for stage {stage}; prompt/completion/label records are for stage kto"
+            )
+        if isinstance(rec, Preference) and stage == "kto":
+            return [Unpaired(rec.prompt, rec.chosen, True, where), Unpaired(rec.prompt, rec.rejected, False, where)]
+        return [rec]
+
+    return LoadedPreferences(*read_sources(sources, convert, _item_key, on_bad_record, dedup, seed))
 
 
 def render_reply(renderer: Renderer, prompt: list[Message], reply: str, source: str = "") -> Sample | None:
@@ -349,13 +327,7 @@ def prepare_preferences(
     ``renderer`` must train only the final reply (``mask="last"``).
     """
     loaded = load_preferences(sources, stage, on_bad_record, dedup, seed)
-    if loaded.rejects:
-        if rejects_path:
-            Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(rejects_path, "w", encoding="utf-8") as f:
-                for r in loaded.rejects:
-                    f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-        print(f"skipped {len(loaded.rejects)} bad records" + (f" (written to {rejects_path})" if rejects_path else ""))
+    report_rejects(loaded.rejects, rejects_path)
     samples: list = []
     kto_pairs: list[tuple[KTOSample, Unpaired]] = []
     dropped = truncated = 0
