@@ -119,3 +119,18 @@ LLAMA2_TEMPLATE = (
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+
+
+TINY_RUN = dict(
+    micro_batch_size=2, batch_size=4, learning_rate=5e-3, cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.1,
+    logging_steps=1, report_to="none", seed=7, save_steps=1000, eval_steps=1000, group_by_length="false",
+    dtype="float32",
+)
+"""Defaults of the tests' tiny training runs (fp32, no length grouping, no checkpoints unless asked)."""
+
+
+def run_flags(base, data, out, **kw) -> list[str]:
+    """``--key value`` flags of a tiny training run: TINY_RUN, then ``kw``."""
+    args = dict(base_model=base, data_path=data, output_dir=out, **TINY_RUN)
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]

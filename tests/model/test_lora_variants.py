@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
@@ -43,14 +43,8 @@ MUTATING = ("pissa", "pissa_niter", "olora")
 
 
 def overrides(base, data, out, **kw) -> list[str]:
-    args = dict(
-        base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=1e-2,
-        cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.0, logging_steps=1, report_to="none", seed=7,
-        save_steps=2, eval_steps=1000, group_by_length="false", dtype="float32", lora_target_modules="all-linear",
-        max_steps=4,
-    )
-    args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    extra = dict(learning_rate=1e-2, lora_dropout=0.0, save_steps=2, lora_target_modules="all-linear", max_steps=4)
+    return run_flags(base, data, out, **{**extra, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_flags
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
@@ -12,13 +13,7 @@ from chinese_vicuna.train.sft import SFTTrainer, run_training
 
 
 def flags(base, data, out, **kw):
-    args = dict(
-        base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=5e-3,
-        cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, report_to="none", seed=7,
-        save_steps=1000, eval_steps=1000, group_by_length="false", dtype="float32", lora_target_modules="all-linear",
-    )
-    args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return run_flags(base, data, out, **{"lora_target_modules": "all-linear", **kw})
 
 
 def step_gradients(cfg):

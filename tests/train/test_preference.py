@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLES, run_cli, write_jsonl
+from helpers import SAMPLES, run_cli, run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
@@ -135,13 +135,7 @@ def pairs_file(tmp_path):
 
 
 def overrides(base, data, out, **kw):
-    args = dict(
-        base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=5e-3,
-        cutoff_len=96, lora_r=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, report_to="none", seed=7,
-        save_steps=1000, eval_steps=1000, group_by_length="false", dtype="float32",
-    )
-    args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return run_flags(base, data, out, **{"cutoff_len": 96, **kw})
 
 
 def metrics(out):

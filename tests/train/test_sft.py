@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
@@ -20,16 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(base, data, out, **kw):
-    args = dict(
-        base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4, learning_rate=5e-3,
-        cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.1, logging_steps=1, report_to="none", seed=7,
-        save_steps=1000, eval_steps=1000, group_by_length="false", dtype="float32",
-    )
-    args.update(kw)
-    out_list = []
-    for k, v in args.items():
-        out_list += [f"--{k}", str(v)]
-    return out_list
+    return run_flags(base, data, out, **kw)
 
 
 def losses(out_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
@@ -22,11 +22,7 @@ from chinese_vicuna.train.sft import run_training
 
 
 def overrides(base, data, out, **kw) -> list[str]:
-    args = dict(base_model=base, data_path=data, output_dir=out, micro_batch_size=2, batch_size=4,
-                learning_rate=5e-3, cutoff_len=64, lora_r=4, lora_alpha=8, lora_dropout=0.0, logging_steps=1,
-                report_to="none", seed=7, save_steps=1000, eval_steps=1000, dtype="float32")
-    args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return run_flags(base, data, out, **{"lora_dropout": 0.0, "group_by_length": "true", **kw})
 
 
 def csv_rows(out: Path) -> list[dict]:
