@@ -257,33 +257,44 @@ def build_ui(chat: WebChat):
     return demo
 
 
+def serve_until_stopped(demo, *, host: str, port: int, auth, banner: str, allowed_paths: tuple[str, ...] = (),
+                        on_exit=None) -> None:
+    """Launch a Gradio app with our settings and block until Ctrl-C or SIGTERM, then close it.
+
+    Shared by the web UI and the board. SIGTERM (service managers, test harnesses) stops as cleanly
+    as Ctrl-C does.
+    """
+    import gradio as gr
+
+    # System fonts: the default theme fetches Google Fonts, which hangs where they are blocked.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    demo.launch(server_name=host, server_port=port, auth=auth, share=False, inbrowser=False, quiet=True,
+                show_error=True, ssr_mode=False, prevent_thread_lock=True, allowed_paths=list(allowed_paths),
+                footer_links=["gradio", "settings"], theme=theme)
+    print(banner, flush=True)
+    done = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if on_exit is not None:
+            on_exit()
+        demo.close()
+
+
 def launch(session: ChatSession, host: str = "127.0.0.1", port: int = 7860,
            auth: tuple[str, str] | None = None) -> int:
     """Serve the UI until Ctrl-C; ``session`` supplies the engine and the default settings."""
-    import gradio as gr
-
     files = Path(tempfile.mkdtemp(prefix="chinese-vicuna-webui-"))
     try:
         demo = build_ui(WebChat(session, files))
         demo.queue(max_size=64)
-        # System fonts: the default theme fetches Google Fonts, which hangs where they are blocked.
-        theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                                  font_mono=["ui-monospace", "monospace"])
-        demo.launch(server_name=host, server_port=port, auth=auth, share=False, inbrowser=False, quiet=True,
-                    show_error=True, ssr_mode=False, prevent_thread_lock=True, allowed_paths=[str(files)],
-                    footer_links=["gradio", "settings"], theme=theme)
-        print(f"web UI at http://{host}:{port} (Ctrl-C stops)", flush=True)
-        # SIGTERM (service managers, test harnesses) stops as cleanly as Ctrl-C does.
-        done = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: done.set())
-        try:
-            while not done.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            demo.close()
+        serve_until_stopped(demo, host=host, port=port, auth=auth, banner=f"web UI at http://{host}:{port} (Ctrl-C stops)",
+                            allowed_paths=(str(files),))
     finally:
         shutil.rmtree(files, ignore_errors=True)
     return 0

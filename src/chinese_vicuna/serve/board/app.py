@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -675,25 +674,10 @@ def build_board(board: Board):
 
 def launch(board: Board, port: int = 7861) -> int:
     """Serve the board until Ctrl-C / SIGTERM; training runs it started keep running."""
-    import gradio as gr
+    from ..webui import serve_until_stopped
 
     demo = build_board(board)
     demo.queue(max_size=64)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
-    demo.launch(server_name=board.host, server_port=port, auth=board.auth, share=False, inbrowser=False, quiet=True,
-                show_error=True, ssr_mode=False, prevent_thread_lock=True, footer_links=["gradio", "settings"],
-                theme=theme)
-    print(f"board at http://{board.host}:{port} (Ctrl-C stops the board; training runs keep going)", flush=True)
-    done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: done.set())
-    try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        board.close_chat()
-        demo.close()
+    serve_until_stopped(demo, host=board.host, port=port, auth=board.auth, on_exit=board.close_chat,
+                        banner=f"board at http://{board.host}:{port} (Ctrl-C stops the board; training runs keep going)")
     return 0
