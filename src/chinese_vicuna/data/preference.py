@@ -29,7 +29,6 @@ from .datasets import DataError, Source, read_sources, report_rejects, split
 from .formats import Conversation, Message, RecordError, _alpaca, _nonempty, _role_list, _string
 from .tokenize import Renderer, Sample
 
-PAIRED_STAGES = ("dpo", "ipo", "orpo", "simpo")
 PREF_FORMATS = ("trl", "alpaca", "sharegpt", "hh-rlhf", "kto")
 
 

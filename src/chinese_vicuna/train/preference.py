@@ -136,7 +136,6 @@ def hparams(cfg) -> PrefHparams:
 class PreferenceObjective:
     """The trainer's objective for the preference stages (see :class:`..sft.SFTObjective` for SFT)."""
 
-    unit = "pairs"
     log_fields = (*METRICS, "kl", *(f"val_{m}" for m in (*METRICS, "kl")))
 
     def __init__(self, trainer):
@@ -144,8 +143,6 @@ class PreferenceObjective:
         self.hp = hparams(trainer.cfg)
         self.kto = self.hp.stage == "kto"
         self.needs_ref = self.hp.stage in ("dpo", "ipo", "kto")
-        if self.kto:
-            self.unit = "replies"
         self._sums: dict[str, torch.Tensor] = {}
         self._kl = None
 

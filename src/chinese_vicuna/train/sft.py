@@ -83,7 +83,6 @@ class SFTObjective:
     :class:`.preference.PreferenceObjective` for the preference stages).
     """
 
-    unit = "tokens"
     log_fields: tuple[str, ...] = ()
 
     def __init__(self, trainer: SFTTrainer):
