@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,13 @@ def long_data(path: Path, n: int = 8) -> Path:
     return path
 
 
-def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str) -> dict:
+def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str, model: str | None = None,
+        micro_batch: int = 2) -> dict:
     cmd = [sys.executable, "-m", "chinese_vicuna", "train", "--data_path", str(data), "--output_dir", str(out),
-           "--cutoff_len", str(cutoff), "--micro_batch_size", "2", "--batch_size", "2", "--max_steps", "1",
-           "--gradient_checkpointing", "true" if ckpt else "false", "--quantization", quant, "--report_to", "none",
-           "--save_steps", "1000", "--logging_steps", "1", "--seed", "42"]
+           "--cutoff_len", str(cutoff), "--micro_batch_size", str(micro_batch), "--batch_size", str(micro_batch),
+           "--max_steps", "1", "--gradient_checkpointing", "true" if ckpt else "false", "--quantization", quant,
+           "--report_to", "none", "--save_steps", "1000", "--logging_steps", "1", "--seed", "42"]
+    cmd += ["--base_model", model] if model else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode != 0:
@@ -53,47 +56,68 @@ def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str) -> dict:
     if not m:
         raise SystemExit(f"no memory line in the output of {' '.join(cmd)}:\n{proc.stdout[-2000:]}")
     predicted, measured = int(m.group(1)), int(m.group(2))
-    return dict(cutoff=cutoff, checkpointing=ckpt, quantization=quant, predicted_mib=predicted, measured_mib=measured,
-                error=(predicted - measured) / measured, seconds=round(time.perf_counter() - start, 1))
+    return dict(cutoff=cutoff, checkpointing=ckpt, quantization=quant, micro_batch_size=micro_batch,
+                predicted_mib=predicted, measured_mib=measured, error=(predicted - measured) / measured,
+                seconds=round(time.perf_counter() - start, 1))
+
+
+QUANT_NAMES = {"none": "LoRA", "8bit": "LoRA 8-bit", "4bit": "QLoRA"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="cutoff 256 and 1024 only (minutes less)")
+    ap.add_argument("--model", help="another base model folder (default: the embedded SmolLM2); "
+                                    "benchmarks/random_model.py makes LLaMA-7B/13B-shaped ones")
+    ap.add_argument("--quantization", default="none,4bit", help="comma list of none, 8bit, 4bit")
+    ap.add_argument("--cutoffs", help="comma list (default 256,2048; 256,1024 with --quick)")
+    ap.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--micro-batch", default="2",
+                    help="micro-batch size, or CUTOFF:SIZE pairs (e.g. 256:4,2048:2, as the README's LLaMA table)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each is its own process and measures its own peak)")
+    ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/plan[-cuda].json)")
     args = ap.parse_args()
-    cutoffs = (256, 1024) if args.quick else (256, 2048)
+    cutoffs = tuple(int(c) for c in args.cutoffs.split(",")) if args.cutoffs else (256, 1024) if args.quick else (256, 2048)
+    micro = dict((int(a), int(b)) for a, b in (p.split(":") for p in args.micro_batch.split(","))) \
+        if ":" in args.micro_batch else {c: int(args.micro_batch) for c in cutoffs}
+    ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    grid = [(q, c, k) for q in args.quantization.split(",") for c in cutoffs for k in ckpts]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         data = long_data(Path(tmp) / "long.jsonl")
-        for quant in ("none", "4bit"):
-            for cutoff in cutoffs:
-                for ckpt in (False, True):
-                    r = run(data, Path(tmp) / f"{quant}-{cutoff}-{ckpt}", cutoff, ckpt, quant)
-                    rows.append(r)
-                    print(f"{'QLoRA' if quant == '4bit' else 'LoRA':<6} cutoff {cutoff:>5}  checkpointing "
-                          f"{'on ' if ckpt else 'off'}  predicted {r['predicted_mib']:>6} MiB  measured "
-                          f"{r['measured_mib']:>6} MiB  error {r['error']:+6.1%}  ({r['seconds']} s)", flush=True)
+        futures = [pool.submit(run, data, Path(tmp) / f"{q}-{c}-{k}", c, k, q, args.model, micro[c]) for q, c, k in grid]
+        for f in futures:
+            r = f.result()
+            rows.append(r)
+            print(f"{QUANT_NAMES[r['quantization']]:<10} cutoff {r['cutoff']:>5}  micro-batch {r['micro_batch_size']}  "
+                  f"checkpointing {'on ' if r['checkpointing'] else 'off'}  predicted {r['predicted_mib']:>6} MiB  "
+                  f"measured {r['measured_mib']:>6} MiB  error {r['error']:+6.1%}  ({r['seconds']} s)", flush=True)
     import platform
 
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    result = dict(machine=machine, model="SmolLM2-135M-Instruct (embedded)", micro_batch_size=2, runs=rows)
-    out = ROOT / "benchmarks" / "results" / ("plan-cuda.json" if torch.cuda.is_available() else "plan.json")
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name() + ", " + machine
+    model = args.model or "SmolLM2-135M-Instruct (embedded)"
+    result = dict(machine=machine, model=model, runs=rows)
+    out = args.json or ROOT / "benchmarks" / "results" / ("plan-cuda.json" if torch.cuda.is_available() else "plan.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_out, out)
     big = max(cutoffs)
-    off = next(r for r in rows if r["cutoff"] == big and not r["checkpointing"] and r["quantization"] == "none")
-    on = next(r for r in rows if r["cutoff"] == big and r["checkpointing"] and r["quantization"] == "none")
-    print(f"gradient checkpointing: peak {off['measured_mib']} MiB -> {on['measured_mib']} MiB "
-          f"({on['measured_mib'] / off['measured_mib'] - 1:+.0%}; SmolLM2 LoRA, cutoff {big}, micro-batch 2, peak RSS)")
+    off = next((r for r in rows if r["cutoff"] == big and not r["checkpointing"]), None)
+    on = next((r for r in rows if r["cutoff"] == big and r["checkpointing"] and r["quantization"] == off["quantization"]),
+              None) if off else None
+    if off and on:
+        print(f"gradient checkpointing: peak {off['measured_mib']} MiB -> {on['measured_mib']} MiB "
+              f"({on['measured_mib'] / off['measured_mib'] - 1:+.0%}; {QUANT_NAMES[off['quantization']]}, cutoff {big}, "
+              f"micro-batch {off['micro_batch_size']}, {'peak reserved + context' if torch.cuda.is_available() else 'peak RSS'})")
     worst = max(abs(r["error"]) for r in rows)
-    print(f"planner accuracy: worst error {worst:.1%} over {len(rows)} runs (target 15%; LoRA and QLoRA, "
-          f"cutoff {' and '.join(map(str, cutoffs))}, checkpointing off and on)")
+    print(f"planner accuracy: worst error {worst:.1%} over {len(rows)} runs (target 15%; {model}; "
+          f"{', '.join(QUANT_NAMES[q] for q in args.quantization.split(','))}, cutoff {' and '.join(map(str, cutoffs))}, "
+          f"checkpointing {args.checkpointing})")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ def run_baseline(limit: int | None, quantization: str = "none") -> dict:
     projects run it, and with ``quantization="4bit"`` QLoRA through bitsandbytes.
     """
     import torch
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from chinese_vicuna.model.adapters import attach_lora
@@ -92,12 +91,11 @@ def run_baseline(limit: int | None, quantization: str = "none") -> dict:
                         targets=LORA["lora_target_modules"])
     data = prepared_data(tok, limit)
     n = COMMON["cutoff_len"]
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    rows = []  # the Trainer takes any sized dataset: a list of feature dicts
     for s in data.train:  # padding="max_length": every sample becomes `cutoff` tokens
         pad = n - len(s.input_ids)
-        rows["input_ids"].append(s.input_ids + [tok.pad_token_id] * pad)
-        rows["attention_mask"].append([1] * len(s.input_ids) + [0] * pad)
-        rows["labels"].append(s.labels + [-100] * pad)
+        rows.append({"input_ids": s.input_ids + [tok.pad_token_id] * pad,
+                     "attention_mask": [1] * len(s.input_ids) + [0] * pad, "labels": s.labels + [-100] * pad})
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=COMMON["micro_batch_size"],
@@ -106,7 +104,7 @@ def run_baseline(limit: int | None, quantization: str = "none") -> dict:
             report_to=[], seed=COMMON["seed"], use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=False,
             bf16=bf16, fp16=cuda and not bf16,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+        trainer = Trainer(model=model, args=args, train_dataset=rows,
                           data_collator=default_data_collator)
         t0 = time.perf_counter()
         trainer.train()
