@@ -233,11 +233,42 @@ class ChatTemplate(PromptTemplate):
         ids = tok(self.terminator.strip(), add_special_tokens=False)["input_ids"] if self.terminator.strip() else []
         return ids[-1:] if ids and ids[-1] != tok.unk_token_id else []
 
-    def _render(self, msgs: list[dict], gen: bool) -> str:
+    def _render(self, msgs: list[dict], gen: bool, tools: list[dict] | None = None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            return self.tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # a Jinja TemplateError or a raise_exception() in the template
             raise TemplateError(f"the tokenizer's chat template cannot render this conversation: {e}") from e
+
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads ``tools`` (the variable ``apply_chat_template(tools=...)`` sets).
+
+        Read from the template's syntax tree, so a template that only says "tools" in its text does
+        not count; a template jinja2 cannot parse alone (transformers' ``{% generation %}`` tag)
+        falls back to looking for the word.
+        """
+        import re
+
+        import jinja2
+        from jinja2 import meta
+
+        source = self.tokenizer.chat_template
+        if not isinstance(source, str):
+            return False
+        try:
+            env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"])
+            return "tools" in meta.find_undeclared_variables(env.parse(source))
+        except jinja2.TemplateSyntaxError:
+            return re.search(r"\btools\b", source) is not None
+
+    def render_tools(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+        """The template's own render of messages in transformers' tool-use shapes, with ``tools``.
+
+        Assistant calls are ``{"role": "assistant", "content", "tool_calls": [{"type": "function",
+        "id", "function": {"name", "arguments": dict}}]}``, results ``{"role": "tool",
+        "tool_call_id", "name", "content"}``. Rendered once with the real contents (no reply spans
+        are needed to prompt a model), so the cost is linear in the messages.
+        """
+        return self._render(messages, add_generation_prompt, tools)
 
     def _find_terminator(self) -> str:
         probe = "\ue002"

@@ -8,14 +8,18 @@ else to ``-inf`` before sampling, so greedy and sampled replies alike always par
 ``LlamaGrammar.from_json_schema`` ignores ``minimum``/``maximum`` and similar keywords, so its
 replies can break the schema).
 
-Tool calls are written as ``<tool_call>{"name":..,"arguments":{..}}</tool_call>`` (the Hermes /
-Qwen convention); ``TOOL_PROMPT`` tells a model so when its template has no tool support.
+Tool calls are written in a ``CallFormat``: ours is ``<tool_call>{"name":..,"arguments":{..}}</tool_call>``
+(the Hermes / Qwen convention), which ``TOOL_PROMPT`` teaches a model whose template has no tool
+support; a model's own tool-aware chat template teaches its own, which ``detect_call_format`` reads
+from the template's render of a probe call (Hermes/Qwen ``<tool_call>`` blocks, Llama-3.1 bare JSON).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +43,41 @@ class Tool:
 
 
 @dataclass(frozen=True)
+class CallFormat:
+    """How a reply writes one tool call: ``open + pre + {"name": .., ARGS: {..}} + post + close``.
+
+    ``open`` empty: the call is a bare JSON object that is the whole reply (Llama 3.1/3.2), one call
+    per reply. Otherwise calls are tagged blocks, several allowed. The separators are those of the
+    JSON the template writes (``tojson`` writes ``", "``/``": "``), so a model sees its own format.
+    """
+
+    open: str = CALL_OPEN
+    close: str = CALL_CLOSE
+    pre: str = ""
+    post: str = ""
+    args_key: str = "arguments"
+    item_sep: str = ","
+    key_sep: str = ":"
+    kind: str = "ours"
+    """``ours`` (our tool prompt), ``tagged`` or ``json`` (a chat template's own)."""
+
+    @property
+    def multi(self) -> bool:
+        """Several calls may follow each other in one reply."""
+        return bool(self.open)
+
+    def write(self, name: str, arguments: Any) -> str:
+        """One call, as the model writes it."""
+        body = json.dumps({"name": name, self.args_key: arguments}, ensure_ascii=False,
+                          separators=(self.item_sep, self.key_sep))
+        return self.open + self.pre + body + self.post + self.close
+
+
+OURS = CallFormat()
+"""The format our tool prompt teaches."""
+
+
+@dataclass(frozen=True)
 class Constraint:
     """What the reply must be: JSON (``schema`` None = any object), or tool calls (``tools``)."""
 
@@ -48,12 +87,15 @@ class Constraint:
     required: bool = False
     """tools: a call is mandatory (``tool_choice`` required or a named function); else text or calls."""
     parallel: bool = True
-    """tools: several calls may follow each other."""
+    """tools: several calls may follow each other (where the format allows it)."""
+    format: CallFormat = OURS
+    """tools: how calls are written."""
 
     def call_schema(self) -> dict:
         """The JSON schema of one call's object: ``{"name": one of the tools, "arguments": its parameters}``."""
-        alts = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters or {"type": "object"}},
-                 "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
+        key = self.format.args_key
+        alts = [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters or {"type": "object"}},
+                 "required": ["name", key], "additionalProperties": False} for t in self.tools]
         return alts[0] if len(alts) == 1 else {"anyOf": alts}
 
     def json_schema(self) -> dict:
@@ -81,13 +123,26 @@ def _lark(c: Constraint) -> str:
     """The llguidance grammar text of a constraint (Lark syntax with ``%json`` for schema parts)."""
     if c.kind == "json":
         return _matcher_cls().grammar_from_json_schema(closed(c.json_schema()), defaults=_COMPACT)
-    schema = json.dumps({"x-guidance": _COMPACT, **closed(c.call_schema())}, ensure_ascii=False)
+    f = c.format
+    guidance = _COMPACT if f == OURS else {**_COMPACT, "item_separator": f.item_sep, "key_separator": f.key_sep}
+    schema = json.dumps({"x-guidance": guidance, **closed(c.call_schema())}, ensure_ascii=False)
     # at most two whitespace characters around calls: a weak model must not loop on blanks
-    calls = r"calls: /\s{0,2}/ call (/\s{0,2}/ call)*" if c.parallel else r"calls: /\s{0,2}/ call"
+    multi = c.parallel and f.multi
+    calls = r"calls: /\s{0,2}/ call (/\s{0,2}/ call)*" if multi else r"calls: /\s{0,2}/ call"
     start = "start: calls" if c.required else "start: TEXT | calls"
-    # A text reply is anything that does not begin with '<' (after whitespace): the model commits
-    # to text or to a call with its first visible character.
-    return "\n".join([start, calls, f'call: "{CALL_OPEN}" %json{schema} "{CALL_CLOSE}"', r"TEXT: /\s{0,2}[^<\s][\s\S]*/"])
+    if f.open:
+        call = f"call: {_literal(f.open + f.pre)} %json{schema} {_literal(f.post + f.close)}"
+    else:
+        call = f"call: %json{schema}"
+    # A text reply is anything that does not begin like a call ('<', or '{' for bare JSON calls)
+    # after whitespace: the model commits to text or to a call with its first visible character.
+    first = re.escape((f.open or "{")[0])
+    return "\n".join([start, calls, call, rf"TEXT: /\s{{0,2}}[^{first}\s][\s\S]*/"])
+
+
+def _literal(text: str) -> str:
+    """A Lark string literal (llguidance reads JSON-style escapes)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _matcher_cls():
@@ -152,36 +207,110 @@ class Matcher:
             self.m.consume_token(token)
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]] | None:
-    """``(text before the calls, [{"name", "arguments"}...])`` if the reply is tool calls, else None.
+def parse_tool_calls(text: str, fmt: CallFormat = OURS) -> tuple[str, list[dict[str, Any]]] | None:
+    """``(text before the calls, [{"name", "arguments", "raw"}...])`` if the reply is tool calls, else None.
 
-    A last call cut off by ``max_tokens`` is dropped when complete ones precede it.
+    ``raw`` is the arguments' JSON as the model wrote it. A last tagged call cut off by
+    ``max_tokens`` is dropped when complete ones precede it.
     """
-    if CALL_OPEN not in text:
+    if not fmt.open:  # a bare JSON call is the whole reply
+        body = text.strip()
+        call = _call(body, fmt) if body.startswith("{") else None
+        return ("", [call]) if call else None
+    if fmt.open not in text:
         return None
-    head, _, rest = text.partition(CALL_OPEN)
-    pieces = (CALL_OPEN + rest).split(CALL_OPEN)[1:]
+    head, _, rest = text.partition(fmt.open)
+    pieces = (fmt.open + rest).split(fmt.open)[1:]
     calls = []
     for k, piece in enumerate(pieces):
-        body, closed_, _ = piece.partition(CALL_CLOSE)
-        try:
-            obj = json.loads(body) if closed_ else None
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        body, closed_, _ = piece.partition(fmt.close)
+        call = _call(body, fmt) if closed_ else None
+        if call is None:
             if k == len(pieces) - 1 and calls:
                 break
             return None
-        args = obj.get("arguments", {})
-        # the arguments as the model wrote them (what a stream sends), if that text is exactly them
-        raw = body.split('"arguments":', 1)[-1].strip()[:-1].strip() if body.rstrip().endswith("}") else ""
-        try:
-            same = json.loads(raw) == args
-        except ValueError:
-            same = False
-        calls.append({"name": obj["name"], "arguments": args,
-                      "raw": raw if same else json.dumps(args, ensure_ascii=False)})
+        calls.append(call)
     return head.strip(), calls
+
+
+def _call(body: str, fmt: CallFormat) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(fmt.args_key, {})
+    # the arguments as the model wrote them (what a stream sends), if that text is exactly them
+    raw = body.split(f'"{fmt.args_key}":', 1)[-1].strip()[:-1].strip() if body.rstrip().endswith("}") else ""
+    try:
+        same = json.loads(raw) == args
+    except ValueError:
+        same = False
+    return {"name": obj["name"], "arguments": args, "raw": raw if same else json.dumps(args, ensure_ascii=False)}
+
+
+_PROBE_NAME = "probe_function"
+_PROBE_ARGS = {"city": "probe_city", "days": 7}
+_TAGGED = re.compile(r"(<[^<>\s]+>)(\s*)(\{.*\})(\s*)(</[^<>\s]+>)", re.S)
+
+
+def detect_call_format(render: Callable[[list[dict], list[dict] | None, bool], str], end: str) -> CallFormat | None:
+    """The call format a tool-aware chat template teaches, or None when it is not one we recognise.
+
+    ``render(messages, tools, add_generation_prompt)`` renders with the template (raising
+    ``ValueError`` when it cannot); ``end`` is what the template writes after a reply. A probe
+    conversation with one assistant tool call is rendered, and the text between the generation
+    prompt and ``end`` is what the model must write for that call: a ``<tag>{json}</tag>`` block
+    (Hermes, Qwen2.5, Qwen3) or a bare JSON object (Llama 3.1/3.2), with the template's JSON keys
+    and separators. Writing it back from the detected format must give that very text.
+    """
+    params = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": _PROBE_NAME, "description": "probe", "parameters": params}}]
+    user = {"role": "user", "content": "\ue003"}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "call_probe", "function": {"name": _PROBE_NAME, "arguments": dict(_PROBE_ARGS)}}]}
+    result = {"role": "tool", "tool_call_id": "call_probe", "name": _PROBE_NAME, "content": "\ue004"}
+    try:
+        head = render([user], tools, True)
+    except ValueError:
+        return None
+    # Followed by a tool result first: a template may render its last assistant message otherwise
+    # (Qwen3 adds an empty <think> block to it).
+    for msgs in ([user, call, result], [user, call]):
+        try:
+            full = render(msgs, tools, len(msgs) == 3)
+        except ValueError:
+            continue
+        at = full.find(end, len(head)) if end and full.startswith(head) else -1
+        if at >= 0 and (fmt := _read_format(full[len(head) : at].strip())) is not None:
+            return fmt
+    return None
+
+
+def _read_format(text: str) -> CallFormat | None:
+    m = _TAGGED.fullmatch(text)
+    if m is not None:
+        open_, pre, body, post, close = m.groups()
+        if close != "</" + open_[1:]:
+            return None
+    elif text.startswith("{"):
+        open_ = pre = post = close = ""
+        body = text
+    else:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    keys = list(obj) if isinstance(obj, dict) else []
+    if len(keys) != 2 or keys[0] != "name" or obj["name"] != _PROBE_NAME or obj[keys[1]] != _PROBE_ARGS:
+        return None
+    for item, key in ((", ", ": "), (",", ":")):
+        fmt = CallFormat(open_, close, pre, post, keys[1], item, key, "tagged" if open_ else "json")
+        if fmt.write(_PROBE_NAME, _PROBE_ARGS) == text:
+            return fmt
+    return None
 
 
 TOOL_PROMPT = (
@@ -201,4 +330,4 @@ def tool_prompt(tools: tuple[Tool, ...]) -> str:
 
 def render_call(name: str, arguments: Any) -> str:
     """An assistant's earlier call, written back into the history as the model would have written it."""
-    return CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":")) + CALL_CLOSE
+    return OURS.write(name, arguments)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.templates import PromptTemplate, TemplateError
 from ..generation.constrain import ConstraintError
+from .native_tools import native_format, native_prompt, wants_native
 from .replies import Reply, ResponsesReply
 from .responses import EmbeddingRequest, ResponsesRequest, chat_body
 from .runtime import (  # noqa: F401 - Admission, Task, plan: part of this module's interface
@@ -77,18 +78,27 @@ async def _respond(request: Request, job: Job, reply: Reply | ResponsesReply, st
         job.cancel()  # a no-op when it finished; stops it when this handler is cancelled (shutdown)
 
 
-def _chat_prompt(engine, req: ChatRequest, cons) -> tuple[list[int], str]:
-    """Prompt ids and assistant prefill of a chat request, with its grammar compiled (a worker thread)."""
-    tools = cons.tools if cons is not None and cons.kind == "tools" else ()
+def _chat_prompt(engine, req: ChatRequest, cons) -> tuple[list[int], str, Any]:
+    """Prompt ids, assistant prefill and constraint of a chat request, its grammar compiled (a worker thread).
+
+    A request involving tools is rendered by the model's own chat template when that template
+    supports tools in a call format we recognise (``native_tools``); otherwise, and for every
+    other request, through the template's segments with our own tool prompt.
+    """
     tmpl = engine.template
-    default_system = tmpl.system_prompt or getattr(tmpl, "default_system", "")
-    conv, prefill = to_conversation(req.messages, tools, default_system)
-    try:
-        ids = engine.prompt_ids(conv, prefill=prefill)
-    except TemplateError as e:
-        raise APIError(400, str(e), param="messages") from None
+    fmt = native_format(tmpl) if wants_native(req) else None
+    if fmt is not None:
+        ids, prefill, cons = native_prompt(engine, req, fmt, cons)
+    else:
+        tools = cons.tools if cons is not None and cons.kind == "tools" else ()
+        default_system = tmpl.system_prompt or getattr(tmpl, "default_system", "")
+        conv, prefill = to_conversation(req.messages, tools, default_system)
+        try:
+            ids = engine.prompt_ids(conv, prefill=prefill)
+        except TemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
     _check_constraint(engine, req, cons)
-    return ids, prefill
+    return ids, prefill, cons
 
 
 def _check_constraint(engine, req, cons) -> None:
@@ -189,7 +199,7 @@ def create_app(
         check_unsupported(req)
         cons = constraint(req)
         server.check_prompt_size(_message_chars(req), "messages")
-        ids, prefill = await server.prepare(_chat_prompt, engine, req, cons)
+        ids, prefill, cons = await server.prepare(_chat_prompt, engine, req, cons)
         gen = gen_args(req, max_new_tokens(req, len(ids), engine.context_length, "messages"), engine.vocab_size, cons)
         job = Job(engine, plan([ids], gen, req.choices), adapter=adapter, stops=req.stop_strings(), template=None,
                   server=server)
@@ -201,7 +211,7 @@ def create_app(
         server.authorize(request)
         req = parse_body(ChatRequest, await server.read_json(request))
         job, ids, prefill, cons = await chat_job(request, req)
-        tools = cons is not None and cons.kind == "tools"
+        tools = cons.format if cons is not None and cons.kind == "tools" else None
         reply = Reply(req, len(ids), chat=True, prefixes=[""] * req.choices, tools=tools, strip=not prefill)
         return await _respond(request, job, reply, req.stream)
 
@@ -211,7 +221,7 @@ def create_app(
         rreq = parse_body(ResponsesRequest, await server.read_json(request))
         req = parse_body(ChatRequest, chat_body(rreq))
         job, ids, prefill, cons = await chat_job(request, req)
-        tools = cons is not None and cons.kind == "tools"
+        tools = cons.format if cons is not None and cons.kind == "tools" else None
         reply = ResponsesReply(req.model, len(ids), tools=tools, strip=not prefill, instructions=rreq.instructions,
                                max_output_tokens=rreq.max_output_tokens)
         return await _respond(request, job, reply, rreq.stream)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..generation.constrain import CALL_CLOSE, CALL_OPEN, parse_tool_calls
+from ..generation.constrain import OURS, CallFormat, parse_tool_calls
 from .schemas import APIError
 
 
@@ -39,17 +39,28 @@ def _completion_logprobs(entries: list[dict], offset: int) -> dict:
             "text_offset": offsets}
 
 
-_CALL_HEAD = re.compile(r'\s*' + re.escape(CALL_OPEN) + r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
-_CALL_END = "}" + CALL_CLOSE
+def _call_head(fmt: CallFormat) -> re.Pattern:
+    """A call's start up to its arguments, as the model writes it (the name captured)."""
+    return re.compile(r"\s*" + re.escape(f'{fmt.open}{fmt.pre}{{"name"{fmt.key_sep}"') + r"([A-Za-z0-9_-]{1,64})"
+                      + re.escape(f'"{fmt.item_sep}"{fmt.args_key}"{fmt.key_sep}'))
 
 
 class _Choice:
-    """One choice's text, held back while it may still turn out to be a tool call."""
+    """One choice's text, held back while it may still turn out to be a tool call.
 
-    def __init__(self, prefix: str, strip: bool, tools: bool):
-        self.text, self.strip, self.tools = prefix, strip, tools
+    ``tools``: the call format of the request's tools (``True``: ours), or nothing.
+    """
+
+    def __init__(self, prefix: str, strip: bool, tools: bool | CallFormat | None):
+        self.fmt = OURS if tools is True else tools or None
+        self.text, self.strip, self.tools = prefix, strip, self.fmt is not None
+        self.open = (self.fmt.open or "{") if self.fmt else ""
+        """What a reply that is a call starts with."""
+        self.head = _call_head(self.fmt) if self.fmt else None
+        self.end = "}" + self.fmt.post + self.fmt.close if self.fmt and self.fmt.close else ""
+        """What ends a call (bare JSON: the reply's end, a closing brace held back until then)."""
         self.held = ""
-        self.mode = "text" if not tools else "undecided"
+        self.mode = "text" if not self.tools else "undecided"
         self.finish: str | None = None
         self.logprobs: list[dict] = []
         self.streamed: list[dict] = []
@@ -66,7 +77,7 @@ class _Choice:
         while True:
             cur = self.streamed[-1] if self.streamed and self.streamed[-1]["open"] else None
             if cur is None:
-                m = _CALL_HEAD.match(self.held, self._pos)
+                m = self.head.match(self.held, self._pos)
                 if m is None:
                     return out
                 cur = {"id": f"call_{uuid.uuid4().hex[:24]}", "name": m.group(1), "start": m.end(), "sent": "",
@@ -75,15 +86,15 @@ class _Choice:
                 out.append({"index": len(self.streamed) - 1, "id": cur["id"], "type": "function",
                             "function": {"name": cur["name"], "arguments": ""}})
             body = self.held[cur["start"] :]
-            end = body.find(_CALL_END)
-            ready = body[:end] if end >= 0 else body[: max(0, len(body) - len(_CALL_END))]
+            end = body.find(self.end) if self.end else -1
+            ready = body[:end] if end >= 0 else body[: max(0, len(body) - len(self.end or "}"))]
             if len(ready) > len(cur["sent"]) and ready.startswith(cur["sent"]):
                 out.append({"index": len(self.streamed) - 1, "function": {"arguments": ready[len(cur["sent"]) :]}})
                 cur["sent"] = ready
             if end < 0:
                 return out
             cur["open"] = False
-            self._pos = cur["start"] + end + len(_CALL_END)
+            self._pos = cur["start"] + end + len(self.end)
 
     def push(self, delta: str) -> str:
         """Text that may be shown now."""
@@ -93,10 +104,10 @@ class _Choice:
         if self.mode == "undecided":
             self.held += delta
             head = self.held.lstrip()
-            if head.startswith(CALL_OPEN):
+            if head.startswith(self.open):
                 self.mode = "calls"
                 return ""
-            if not head or CALL_OPEN.startswith(head):
+            if not head or self.open.startswith(head):
                 return ""
             self.mode, delta, self.held = "text", self.held, ""
         elif self.mode == "calls":
@@ -107,7 +118,7 @@ class _Choice:
 
     def calls(self) -> list[dict] | None:
         """At the end: the parsed calls (OpenAI shape), or None after putting held text back."""
-        parsed = parse_tool_calls(self.held) if self.held else None
+        parsed = parse_tool_calls(self.held, self.fmt) if self.held else None
         if parsed is None:
             self.text += self.held
             self.held = ""
@@ -122,10 +133,10 @@ class _Choice:
 class Reply:
     """Turns generation events into OpenAI's response body or chunk stream (chat or text completion)."""
 
-    def __init__(self, req, prompt_tokens: int, *, chat: bool, prefixes: list[str], tools: bool = False,
-                 strip: bool = True):
+    def __init__(self, req, prompt_tokens: int, *, chat: bool, prefixes: list[str],
+                 tools: bool | CallFormat | None = None, strip: bool = True):
         self.req, self.prompt_tokens, self.chat = req, prompt_tokens, chat
-        self.choices = [_Choice(p, chat and strip, tools and chat) for p in prefixes]
+        self.choices = [_Choice(p, chat and strip, tools if chat else None) for p in prefixes]
         self.n = len(prefixes)
         self.logprobs = req.top_logprobs_count() is not None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -234,8 +245,8 @@ class Reply:
 class ResponsesReply:
     """The same events in the Responses API's shapes: a ``response`` object, or its event stream."""
 
-    def __init__(self, model: str, prompt_tokens: int, *, tools: bool, strip: bool, instructions: str | None,
-                 max_output_tokens: int | None):
+    def __init__(self, model: str, prompt_tokens: int, *, tools: bool | CallFormat | None, strip: bool,
+                 instructions: str | None, max_output_tokens: int | None):
         self.model, self.prompt_tokens = model, prompt_tokens
         self.choice = _Choice("", strip, tools)
         self.instructions, self.max_output_tokens = instructions, max_output_tokens

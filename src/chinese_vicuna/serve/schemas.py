@@ -300,7 +300,7 @@ def constraint(req: _Sampling) -> Constraint | None:
     return Constraint("json", fmt.json_schema.schema_)
 
 
-def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
+def content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
@@ -313,16 +313,21 @@ def _content_text(content: str | list[dict[str, Any]] | None, i: int) -> str:
     return "".join(parts)
 
 
-def _assistant_text(m: ChatMessage, i: int) -> str:
-    text = _content_text(m.content, i)
-    calls = []
+def call_arguments(m: ChatMessage, i: int) -> list[tuple[ToolCall, Any]]:
+    """Each of an assistant message's calls with its parsed arguments (400 if they are not JSON)."""
+    out = []
     for j, call in enumerate(m.tool_calls or []):
         try:
-            args = json.loads(call.function.arguments)
+            out.append((call, json.loads(call.function.arguments)))
         except ValueError:
             raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON.",
                            param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
-        calls.append(render_call(call.function.name, args))
+    return out
+
+
+def _assistant_text(m: ChatMessage, i: int) -> str:
+    text = content_text(m.content, i)
+    calls = [render_call(call.function.name, args) for call, args in call_arguments(m, i)]
     return "\n".join(([text] if text else []) + calls)
 
 
@@ -351,9 +356,9 @@ def to_conversation(messages: list[ChatMessage], tools: tuple[Tool, ...] = (),
             if m.tool_call_id not in call_ids:
                 raise APIError(400, f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no earlier "
                                "assistant tool call.", param=f"messages[{i}].tool_call_id")
-            role, text = "user", f"<tool_response>{_content_text(m.content, i)}</tool_response>"
+            role, text = "user", f"<tool_response>{content_text(m.content, i)}</tool_response>"
         else:
-            role, text = ("system" if m.role == "developer" else m.role), _content_text(m.content, i)
+            role, text = ("system" if m.role == "developer" else m.role), content_text(m.content, i)
         if role == "system" and not turns:
             system.append(text)
             continue
