@@ -11,9 +11,13 @@ import torch
 
 from chinese_vicuna.generation import decode
 from chinese_vicuna.generation.constrain import (
+    OURS,
+    CallFormat,
     Constraint,
     ConstraintError,
     Tool,
+    _lark,
+    detect_call_format,
     parse_tool_calls,
     render_call,
     tool_prompt,
@@ -128,3 +132,41 @@ def test_tool_prompt_and_call_round_trip():
         {"name": "time", "arguments": {}, "raw": "{}"}])
     assert parse_tool_calls("no calls") is None and parse_tool_calls("<tool_call>{broken") is None
     assert parse_tool_calls(text + '<tool_call>{"name":"cut')[1] == parse_tool_calls(text)[1]  # cut by max_tokens
+
+
+def test_template_call_formats_parse_and_detect():
+    """A chat template's own call format: tagged blocks with its whitespace, or one bare JSON object."""
+    tagged = CallFormat("<tool_call>", "</tool_call>", "\n", "\n", "arguments", ", ", ": ", "tagged")
+    bare = CallFormat("", "", "", "", "parameters", ", ", ": ", "json")
+    two = tagged.write("get_weather", {"city": "北京"}) + "\n" + tagged.write("time", {})
+    assert two == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n' \
+                  '<tool_call>\n{"name": "time", "arguments": {}}\n</tool_call>'
+    assert parse_tool_calls(two, tagged) == ("", [
+        {"name": "get_weather", "arguments": {"city": "北京"}, "raw": '{"city": "北京"}'},
+        {"name": "time", "arguments": {}, "raw": "{}"}])
+    one = bare.write("get_weather", {"city": "北京"})
+    assert one == '{"name": "get_weather", "parameters": {"city": "北京"}}'
+    assert parse_tool_calls(" " + one, bare) == ("", [
+        {"name": "get_weather", "arguments": {"city": "北京"}, "raw": '{"city": "北京"}'}])
+    assert parse_tool_calls("北京晴", bare) is None and parse_tool_calls('{"name": "get_weather", "para', bare) is None
+    assert OURS.write("t", {}) == render_call("t", {})
+    # the grammar: bare JSON allows one call and text that does not begin with '{'
+    grammar = _lark(Constraint("tools", tools=(Tool("t"),), format=bare))
+    assert "<tool_call>" not in grammar and '"parameters"' in grammar and "call (" not in grammar
+    assert grammar.endswith(r"TEXT: /\s{0,2}[^\{\s][\s\S]*/") and '"item_separator": ", "' in grammar
+
+    def render(messages, tools, gen):  # writes calls as the Llama-3.1 style does
+        out = "".join(
+            (json.dumps({"name": m["tool_calls"][0]["function"]["name"],
+                         "parameters": m["tool_calls"][0]["function"]["arguments"]}, ensure_ascii=False)
+             if m.get("tool_calls") else m["content"]) + "<end>" for m in messages if m["role"] != "tool")
+        return out + ("A:" if gen else "")
+
+    assert detect_call_format(lambda m, t, g: render(m, t, g).replace("A:", "") if g else render(m, t, g),
+                              "<end>") == bare
+    assert detect_call_format(render, "<end>") is None  # the generation prompt is not where calls start
+
+    def broken(messages, tools, gen):
+        raise ValueError("cannot render")
+
+    assert detect_call_format(broken, "<end>") is None
