@@ -170,3 +170,28 @@ def test_template_call_formats_parse_and_detect():
         raise ValueError("cannot render")
 
     assert detect_call_format(broken, "<end>") is None
+
+
+def test_arguments_first_format_is_written_in_its_order(tiny_model, tokenizer):
+    """Hermes-2-Pro writes ``{"arguments": .., "name": ..}``: detected, and the grammar keeps that order."""
+    def render(messages, tools, gen):
+        out = ""
+        for m in messages:
+            if m.get("tool_calls"):
+                f = m["tool_calls"][0]["function"]
+                out += '<tool_call>\n{"arguments": ' + json.dumps(f["arguments"]) + ', "name": "' + f["name"] + '"}\n</tool_call> <e>'
+            elif m["role"] != "tool":
+                out += m["content"] + "<e>"
+        return out
+
+    fmt = detect_call_format(render, "<e>")
+    assert fmt == CallFormat("<tool_call>", "</tool_call>", "\n", "\n", "arguments", ", ", ": ", "tagged", False)
+    assert fmt.write("f", {"a": 1}) == '<tool_call>\n{"arguments": {"a": 1}, "name": "f"}\n</tool_call>'
+    params = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}
+    c = Constraint("tools", tools=(Tool("weather", params),), required=True, parallel=False, format=fmt)
+    for seed in range(2):
+        s = _text(tiny_model, tokenizer, GenArgs(max_new_tokens=60, do_sample=True, seed=seed, top_k=0, top_p=1.0,
+                                                 repetition_penalty=1.0, constraint=c))
+        head, calls = parse_tool_calls(s.text, fmt)
+        assert s.text.strip() == fmt.write("weather", calls[0]["arguments"]) and head == ""
+        jsonschema.validate(calls[0]["arguments"], params)

@@ -60,6 +60,8 @@ class CallFormat:
     key_sep: str = ":"
     kind: str = "ours"
     """``ours`` (our tool prompt), ``tagged`` or ``json`` (a chat template's own)."""
+    name_first: bool = True
+    """``name`` before the arguments (Hermes-2-Pro writes the arguments first)."""
 
     @property
     def multi(self) -> bool:
@@ -68,8 +70,8 @@ class CallFormat:
 
     def write(self, name: str, arguments: Any) -> str:
         """One call, as the model writes it."""
-        body = json.dumps({"name": name, self.args_key: arguments}, ensure_ascii=False,
-                          separators=(self.item_sep, self.key_sep))
+        obj = {"name": name, self.args_key: arguments} if self.name_first else {self.args_key: arguments, "name": name}
+        body = json.dumps(obj, ensure_ascii=False, separators=(self.item_sep, self.key_sep))
         return self.open + self.pre + body + self.post + self.close
 
 
@@ -93,9 +95,12 @@ class Constraint:
 
     def call_schema(self) -> dict:
         """The JSON schema of one call's object: ``{"name": one of the tools, "arguments": its parameters}``."""
-        key = self.format.args_key
-        alts = [{"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters or {"type": "object"}},
-                 "required": ["name", key], "additionalProperties": False} for t in self.tools]
+        key, first = self.format.args_key, self.format.name_first
+        alts = []
+        for t in self.tools:  # the grammar writes the properties in this order
+            props = [("name", {"const": t.name}), (key, t.parameters or {"type": "object"})][:: 1 if first else -1]
+            alts.append({"type": "object", "properties": dict(props), "required": [k for k, _ in props],
+                         "additionalProperties": False})
         return alts[0] if len(alts) == 1 else {"anyOf": alts}
 
     def json_schema(self) -> dict:
@@ -262,8 +267,8 @@ def detect_call_format(render: Callable[[list[dict], list[dict] | None, bool], s
     ``ValueError`` when it cannot); ``end`` is what the template writes after a reply. A probe
     conversation with one assistant tool call is rendered, and the text between the generation
     prompt and ``end`` is what the model must write for that call: a ``<tag>{json}</tag>`` block
-    (Hermes, Qwen2.5, Qwen3) or a bare JSON object (Llama 3.1/3.2), with the template's JSON keys
-    and separators. Writing it back from the detected format must give that very text.
+    (Hermes, Qwen2.5, Qwen3) or a bare JSON object (Llama 3.1/3.2), with the template's JSON keys,
+    their order and separators. Writing it back from the detected format must give that very text.
     """
     params = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
     tools = [{"type": "function", "function": {"name": _PROBE_NAME, "description": "probe", "parameters": params}}]
@@ -304,10 +309,13 @@ def _read_format(text: str) -> CallFormat | None:
     except ValueError:
         return None
     keys = list(obj) if isinstance(obj, dict) else []
-    if len(keys) != 2 or keys[0] != "name" or obj["name"] != _PROBE_NAME or obj[keys[1]] != _PROBE_ARGS:
+    if len(keys) != 2 or "name" not in keys or obj["name"] != _PROBE_NAME:
+        return None
+    args_key = keys[1] if keys[0] == "name" else keys[0]
+    if obj[args_key] != _PROBE_ARGS:
         return None
     for item, key in ((", ", ": "), (",", ":")):
-        fmt = CallFormat(open_, close, pre, post, keys[1], item, key, "tagged" if open_ else "json")
+        fmt = CallFormat(open_, close, pre, post, args_key, item, key, "tagged" if open_ else "json", keys[0] == "name")
         if fmt.write(_PROBE_NAME, _PROBE_ARGS) == text:
             return fmt
     return None
