@@ -190,6 +190,37 @@ def test_fsdp_on_gpus_matches_one_process(tiny_model_dir, data, tmp_path, one_pr
     assert_same_run(one_process, tmp_path / "fsdp")
 
 
+def test_fsdp2_sharded_adapter_saves_whole(tiny_model, tmp_path):
+    """FSDP2 turns parameters into DTensors, whose storage ``save_pretrained`` cannot read (it failed on a
+    GPU: "Attempted to access the data pointer on an invalid python storage"). The checkpoint and the final
+    save gather the shards first: the saved adapter equals the unsharded weights. FSDP2 on one gloo process."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from chinese_vicuna.train.checkpoint import gathered_state_dict, save_pretrained
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    want = {k.replace(".default", ""): v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    assert gathered_state_dict(model) is None  # nothing sharded: plain save_pretrained
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(RuntimeError, match="invalid python storage"):
+            model.save_pretrained(str(tmp_path / "plain"))
+        save_pretrained(model, tmp_path / "gathered", gathered_state_dict(model))
+    finally:
+        dist.destroy_process_group()
+    saved = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(want) and len(saved) == 8
+    for k in want:
+        assert torch.equal(saved[k], want[k]), k
+
+
 # ------------------------------------------------------------------------------------------ multi-node
 @pytest.mark.slow
 def test_multinode_two_nodes_c10d_match_one(tiny_model_dir, data, tmp_path, one_process):

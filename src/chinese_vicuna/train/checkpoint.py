@@ -100,6 +100,27 @@ def clean_partial(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def gathered_state_dict(model) -> dict | None:
+    """The trainable weights as whole CPU tensors when FSDP2 shards them (DTensor parameters), else None.
+
+    ``save_pretrained`` cannot read a DTensor's storage ("invalid python storage"); torch's
+    ``get_model_state_dict`` gathers the shards. A collective: every process must call it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def save_pretrained(model, folder: Path, state_dict: dict | None) -> None:
+    """``model.save_pretrained``, from ``state_dict`` (``gathered_state_dict``'s) when there is one."""
+    model.save_pretrained(str(folder), **({"state_dict": state_dict} if state_dict is not None else {}))
+
+
 def save_checkpoint(accelerator, model, output_dir: str, progress: Progress, extra_files: dict[str, str]) -> Path:
     """Write ``checkpoint-{step}`` atomically. Every process must call this.
 
@@ -117,9 +138,10 @@ def save_checkpoint(accelerator, model, output_dir: str, progress: Progress, ext
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    state = gathered_state_dict(model) if hasattr(model, "peft_config") else None
     if accelerator.is_main_process:
         if hasattr(model, "peft_config"):
-            model.save_pretrained(str(tmp))
+            save_pretrained(model, tmp, state)
         for name, text in extra_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / DONE_FILE).write_text(json.dumps(progress.state_dict(), indent=2), encoding="utf-8")

@@ -34,11 +34,13 @@ from .checkpoint import (
     checkpoint_step,
     clean_partial,
     find_resume,
+    gathered_state_dict,
     is_trainer_checkpoint,
     load_adapter_weights,
     prune_checkpoints,
     resume_trainer_checkpoint,
     save_checkpoint,
+    save_pretrained,
 )
 from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
 from .loss import CausalLMLoss
@@ -474,15 +476,16 @@ class SFTTrainer:
         acc = self.accelerator
         out = Path(self.cfg.train.output_dir)
         acc.wait_for_everyone()
+        model = acc.unwrap_model(self.wrapper).model
+        state = gathered_state_dict(model)
         if acc.is_main_process:
-            model = acc.unwrap_model(self.wrapper).model
             tmp = out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             if getattr(self, "initial_adapter", None):  # PiSSA/OLoRA: the equivalent plain LoRA (rank 2r)
                 self.initial_adapter.save_converted(model, tmp)
             else:
-                model.save_pretrained(str(tmp))
+                save_pretrained(model, tmp, state)
             # The trained template as the folder's own chat template: vLLM and transformers users
             # render the prompt the adapter learned.
             save_tokenizer(self.tokenizer, self.template, tmp)
