@@ -174,3 +174,25 @@ def test_training_with_rope_scaling_past_the_context(tiny_model_dir, tmp_path):
     model = t.accelerator.unwrap_model(t.wrapper).model
     assert model.config.rope_parameters["rope_type"] == "linear"
     assert shape_from_config(model.config).context == 1024
+
+
+@pytest.mark.parametrize("results,base", [("plan-cuda.json", None), ("plan-llama-7b-cuda.json", "huggyllama/llama-7b")])
+def test_plan_is_within_15_percent_of_the_recorded_gpu_peaks(results, base):
+    """The planner against the peaks benchmarks/gpu_check.sh measured on an H200 (peak reserved + context):
+    SmolLM2 LoRA/QLoRA at cutoff 256/1024, and LLaMA-7B's shape in 16-bit, 8-bit and 4-bit at cutoff 256/2048,
+    checkpointing off and on: every run within 15% (the README's figures)."""
+    import json
+    from pathlib import Path
+
+    from chinese_vicuna.model.load import embedded_model_dir
+
+    runs = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / results).read_text())["runs"]
+    errors = []
+    for r in runs:
+        cfg = load_config(None, [
+            "--base_model", base or str(embedded_model_dir()), "--quantization", r["quantization"],
+            "--cutoff_len", str(r["cutoff"]), "--micro_batch_size", str(r["micro_batch_size"]),
+            "--gradient_checkpointing", str(r["checkpointing"]).lower(), "--data_path", "x.jsonl"])
+        predicted = plan_run(cfg, model_config(cfg)[1], None, device="cuda").at().peak_mib
+        errors.append((predicted - r["measured_mib"]) / r["measured_mib"])
+    assert len(errors) >= 8 and max(map(abs, errors)) < 0.15, [f"{e:+.1%}" for e in errors]

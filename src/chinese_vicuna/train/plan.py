@@ -48,12 +48,17 @@ KNOWN_SHAPES = {
 # torch, transformers, peft, accelerate, tokenizer), and what training adds besides tensors (data, autograd).
 CPU_BASE_MIB = 450
 CPU_TRAIN_MIB = 110
-# Kept activations come out 9% above the tensors counted below (masks, views kept alive, allocator
-# rounding); a layer's backward needs about 5.7x its attention probabilities at once (their gradient,
-# the fp32 softmax backward and the recomputed scores).
+# Kept activations come out 9% above the tensors counted below on the CPU (masks, views kept alive, allocator
+# rounding) and 7% under them on CUDA (fitted to an H200's peaks: benchmarks/results/plan*-cuda.json); a layer's
+# backward needs about 5.7x its attention probabilities at once (their gradient, the fp32 softmax backward and
+# the recomputed scores). bitsandbytes' 8-bit matmul keeps about 5 bytes per element of each layer's distinct
+# linear inputs (measured: LLaMA-7B's shape at 1,024 and 4,096 tokens, with and without checkpointing).
 ACTIVATION_FACTOR = 1.09
+ACTIVATION_FACTOR_CUDA = 0.93
 ATTENTION_BACKWARD = 5.7
-# CUDA: the context (kernels, cuBLAS workspace) and the caching allocator's rounding/fragmentation.
+INT8_KEPT_BYTES = 5.0
+# CUDA: the context (kernels, cuBLAS workspace) and the caching allocator's rounding/fragmentation of what
+# training allocates (the weights are a few large blocks, loaded once).
 CUDA_CONTEXT_MIB = 500
 CUDA_ALLOCATOR_SLACK = 1.10
 
@@ -280,18 +285,29 @@ def estimate(
     # norm inputs (2h), attention input (h), q/k/v after RoPE (q + 2kv), attention output (q),
     # MLP input (h), gate and up (2i), down input (i); LoRA dropout keeps a masked copy of each
     # adapted module's input. Eager kernels also keep the attention probabilities (heads x seq).
+    # With a k-bit base, peft keeps embeddings and norms in fp32: the residual stream (the norms' inputs,
+    # the checkpointed layer inputs) is fp32.
+    resid_bytes = 4 if q != "none" else compute_bytes
+    lin = shape.linear_shapes()
     n_lora = 0 if full else len(_targets(cfg, shape))
-    lora_in = n_lora * (h if cfg.lora.lora_dropout > 0 else 0) + n_lora * cfg.lora.lora_r
-    per_token = (4 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 3 * i + lora_in) * compute_bytes
+    lora_in = sum(lin[t][0] for t in _targets(cfg, shape)) if not full and cfg.lora.lora_dropout > 0 else 0
+    lora_in += n_lora * cfg.lora.lora_r
+    per_token = (2 * h * resid_bytes + (2 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 3 * i + lora_in) * compute_bytes)
     attn_probs = shape.heads * seq * compute_bytes if attention in ("eager", "lowmem_eager") else 0
     tokens = micro_batch * seq
-    one_layer = tokens * (per_token + attn_probs) * ACTIVATION_FACTOR
+    factor = ACTIVATION_FACTOR_CUDA if device == "cuda" else ACTIVATION_FACTOR
+    one_layer = tokens * (per_token + attn_probs) * factor
     if checkpointing:
         # only each layer's input is kept; backward recomputes one layer at a time
-        parts["activations (checkpointed inputs)"] = L * tokens * h * compute_bytes
+        parts["activations (checkpointed inputs)"] = L * tokens * h * resid_bytes
         parts["activations (one recomputed layer)"] = one_layer
     else:
         parts["activations (all layers)"] = L * one_layer
+    if q == "8bit":
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors / ctx.A), where
+        # checkpointing cannot free it: every layer's distinct linear inputs stay until backward.
+        parts["8-bit matmul inputs (kept by bitsandbytes)"] = (
+            L * tokens * (2 * h + shape.q_dim + i) * INT8_KEPT_BYTES)
     # the largest transient of a layer's backward: the attention probabilities' gradient and softmax
     # backward (eager kernels), or the MLP's intermediate gradients
     # With a k-bit base, peft keeps embeddings and norms in fp32, so the residual stream and the backward's
@@ -304,7 +320,8 @@ def estimate(
     parts["logits chunk"] = chunk * shape.vocab * 4 * 3 + tokens * h * 4
 
     if device == "cuda":
-        parts = {k: v * CUDA_ALLOCATOR_SLACK for k, v in parts.items()}
+        # the weights are a few large blocks, loaded once: the allocator's slack is in what training allocates
+        parts = {k: v if k.startswith("weights") else v * CUDA_ALLOCATOR_SLACK for k, v in parts.items()}
         parts["CUDA context"] = CUDA_CONTEXT_MIB * MIB
         plan.parts = parts
     else:
