@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from ..data.templates import ChatTemplate, TemplateError
 from ..generation.constrain import CallFormat, Constraint, detect_call_format
-from .schemas import APIError, ChatMessage, ChatRequest, call_arguments, content_text
+from .schemas import APIError, ChatMessage, ChatRequest, call_arguments, check_tool_reply, content_text
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ def native_messages(messages: list[ChatMessage], fmt: CallFormat,
     for i, m in enumerate(messages):
         text = content_text(m.content, i)
         if m.role == "tool":
-            if not m.tool_call_id:
-                raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id.",
-                               param=f"messages[{i}].tool_call_id")
-            if m.tool_call_id not in names:
-                raise APIError(400, f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no earlier "
-                               "assistant tool call.", param=f"messages[{i}].tool_call_id")
+            check_tool_reply(m, i, names)
             out.append({"role": "tool", "tool_call_id": m.tool_call_id, "name": names[m.tool_call_id],
                         "content": text})
             continue

@@ -331,6 +331,15 @@ def _assistant_text(m: ChatMessage, i: int) -> str:
     return "\n".join(([text] if text else []) + calls)
 
 
+def check_tool_reply(m: ChatMessage, i: int, call_ids) -> None:
+    """A ``tool`` message must name (``tool_call_id``) a call of an earlier assistant message."""
+    if not m.tool_call_id:
+        raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id.", param=f"messages[{i}].tool_call_id")
+    if m.tool_call_id not in call_ids:
+        raise APIError(400, f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no earlier "
+                       "assistant tool call.", param=f"messages[{i}].tool_call_id")
+
+
 def to_conversation(messages: list[ChatMessage], tools: tuple[Tool, ...] = (),
                     default_system: str = "") -> tuple[Conversation, str]:
     """OpenAI messages -> (a Conversation ending with a user message, the assistant prefill).
@@ -350,12 +359,7 @@ def to_conversation(messages: list[ChatMessage], tools: tuple[Tool, ...] = (),
             role, text = "assistant", _assistant_text(m, i)
             call_ids.update(c.id for c in m.tool_calls or [])
         elif m.role == "tool":
-            if not m.tool_call_id:
-                raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id.",
-                               param=f"messages[{i}].tool_call_id")
-            if m.tool_call_id not in call_ids:
-                raise APIError(400, f"messages[{i}].tool_call_id '{m.tool_call_id}' answers no earlier "
-                               "assistant tool call.", param=f"messages[{i}].tool_call_id")
+            check_tool_reply(m, i, call_ids)
             role, text = "user", f"<tool_response>{content_text(m.content, i)}</tool_response>"
         else:
             role, text = ("system" if m.role == "developer" else m.role), content_text(m.content, i)
