@@ -314,3 +314,32 @@ def test_native_calls_stream_as_written(style):
     # what was streamed is a prefix of each call's arguments (bare JSON holds its last brace until the end)
     assert all(w.startswith(a) and len(a) >= len(w) - 1 for a, w in zip(args, want))
     assert [c["id"] for c in calls] == [d["id"] for d in deltas if "id" in d]
+
+
+def test_llamacpp_backend_renders_and_calls_natively(tiny_model_dir, tmp_path):
+    """The llama.cpp backend takes the same path: the GGUF carries the tool-aware template, the prompt ids
+    are the template's own render, and a required call comes out in the template's format."""
+    import shutil
+
+    from chinese_vicuna.generation.engine import load_engine
+    from chinese_vicuna.model.load import load_tokenizer
+    from chinese_vicuna.tools.gguf import export_gguf
+
+    folder = tmp_path / "hermes"
+    shutil.copytree(tiny_model_dir, folder)
+    tok = load_tokenizer(str(folder))
+    tok.chat_template = HERMES
+    tok.save_pretrained(folder)
+    cpp = load_engine("llama.cpp", str(export_gguf(str(folder), tmp_path / "h.gguf", gguf_type="f32")),
+                      template="auto", n_ctx=1024)
+    try:
+        req = request(tool_choice="required", parallel_tool_calls=False)
+        ids, prefill, cons = _chat_prompt(cpp, req, constraint(req))
+        text = tok.apply_chat_template(NATIVE, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert cons.format == FORMATS["hermes"] and prefill == ""
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        out = cpp.generate(ids, GenArgs(max_new_tokens=120, repetition_penalty=1.0, constraint=cons))
+        calls = written(out.text, FORMATS["hermes"])
+        assert len(calls) == 1 and calls[0]["name"] in ("get_weather", "get_time"), out.text
+    finally:
+        cpp.model.close()
