@@ -180,7 +180,7 @@ def test_training_with_rope_scaling_past_the_context(tiny_model_dir, tmp_path):
 def test_plan_is_within_15_percent_of_the_recorded_gpu_peaks(results, base):
     """The planner against the peaks benchmarks/gpu_check.sh measured on an H200 (peak reserved + context):
     SmolLM2 LoRA/QLoRA at cutoff 256/1024, and LLaMA-7B's shape in 16-bit, 8-bit and 4-bit at cutoff 256/2048,
-    checkpointing off and on: every run within 15% (the README's figures)."""
+    checkpointing off and on (8-bit: off only): every run within 15% (the README's figures)."""
     import json
     from pathlib import Path
 
@@ -189,6 +189,8 @@ def test_plan_is_within_15_percent_of_the_recorded_gpu_peaks(results, base):
     runs = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / results).read_text())["runs"]
     errors = []
     for r in runs:
+        if r["quantization"] == "8bit" and r["checkpointing"]:
+            continue  # measured with non-reentrant checkpointing, which an 8-bit base no longer gets
         cfg = load_config(None, [
             "--base_model", base or str(embedded_model_dir()), "--quantization", r["quantization"],
             "--cutoff_len", str(r["cutoff"]), "--micro_batch_size", str(r["micro_batch_size"]),

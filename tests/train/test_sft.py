@@ -280,10 +280,13 @@ def test_skipped_fp16_step_does_not_advance_the_schedule(tiny_model_dir, alpaca_
     assert not any(torch.equal(a, b) for a, b in zip(seen[2]["weights"], seen[3]["weights"]))  # the next step was
 
 
-def test_ddp_two_processes_match_one(tiny_model_dir, varied_file, tmp_path):
-    """Real DDP on CPU (gloo) through torchrun: same global batch -> same adapter."""
+@pytest.mark.parametrize("kind", [pytest.param({}, id="lora"), pytest.param(
+    dict(quantization="8bit", gradient_checkpointing="true"), id="8bit-reentrant-checkpointing", marks=pytest.mark.slow)])
+def test_ddp_two_processes_match_one(tiny_model_dir, varied_file, tmp_path, kind):
+    """Real DDP on CPU (gloo) through torchrun: same global batch -> same adapter (also with an 8-bit base,
+    whose checkpointing is reentrant)."""
     alpaca_file = varied_file
-    common = dict(max_steps=3, lora_dropout=0.0, micro_batch_size=1, batch_size=4, **VARIED)
+    common = dict(max_steps=3, lora_dropout=0.0, micro_batch_size=1, batch_size=4, **VARIED, **kind)
     one = run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "one", **common)), progress_bar=False)
     assert_lengths_vary(one)
     env = dict(os.environ, OMP_NUM_THREADS="1")

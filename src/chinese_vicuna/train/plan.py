@@ -52,7 +52,8 @@ CPU_TRAIN_MIB = 110
 # rounding) and 7% under them on CUDA (fitted to an H200's peaks: benchmarks/results/plan*-cuda.json); a layer's
 # backward needs about 5.7x its attention probabilities at once (their gradient, the fp32 softmax backward and
 # the recomputed scores). bitsandbytes' 8-bit matmul keeps about 5 bytes per element of each layer's distinct
-# linear inputs (measured: LLaMA-7B's shape at 1,024 and 4,096 tokens, with and without checkpointing).
+# linear inputs (measured: LLaMA-7B's shape at 1,024 and 4,096 tokens, without checkpointing, and with the
+# non-reentrant checkpointing that could not free them).
 ACTIVATION_FACTOR = 1.09
 ACTIVATION_FACTOR_CUDA = 0.93
 ATTENTION_BACKWARD = 5.7
@@ -303,9 +304,10 @@ def estimate(
         parts["activations (one recomputed layer)"] = one_layer
     else:
         parts["activations (all layers)"] = L * one_layer
-    if q == "8bit":
-        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors / ctx.A), where
-        # checkpointing cannot free it: every layer's distinct linear inputs stay until backward.
+    if q == "8bit" and not checkpointing:
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors / ctx.A): every
+        # layer's distinct linear inputs stay until backward. (With checkpointing, which is reentrant for an
+        # 8-bit base, the layers' forwards run without autograd and keep nothing.)
         parts["8-bit matmul inputs (kept by bitsandbytes)"] = (
             L * tokens * (2 * h + shape.q_dim + i) * INT8_KEPT_BYTES)
     # the largest transient of a layer's backward: the attention probabilities' gradient and softmax

@@ -68,13 +68,21 @@ def upcast_trainable(model: torch.nn.Module) -> list[str]:
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers' own switch).
+    """Activation checkpointing of every decoder layer (transformers' own switch).
 
-    Non-reentrant checkpointing needs no input that requires grad (LoRA/QLoRA train nothing below
-    the first layer) and replays dropout with the saved RNG state, so gradients equal those without it.
+    Non-reentrant: it needs no input that requires grad (LoRA/QLoRA train nothing below the first
+    layer) and replays dropout with the saved RNG state, so gradients equal those without it.
+    Reentrant for an 8-bit base: bitsandbytes' int8 matmul keeps its input on the autograd context
+    (``ctx.tensors`` / ``ctx.A``), not as a saved tensor, so non-reentrant checkpointing cannot drop
+    it and every layer's inputs stayed until backward (LLaMA-7B 8-bit, 2 x 2048 tokens: 28.4 GB on
+    an H200, against 15.9 GB with 16-bit weights). Reentrant checkpointing runs the layer's forward
+    without autograd, so nothing is kept; it needs an input that requires grad (the embeddings' output).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    reentrant = bool(getattr(base, "is_loaded_in_8bit", False))
+    if reentrant:
+        base.enable_input_require_grads()
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
 class SFTObjective:
