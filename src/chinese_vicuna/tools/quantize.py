@@ -20,6 +20,22 @@ import torch
 from ..config import ConfigError
 
 
+def check_folders(model: str, out: str | os.PathLike, force: bool) -> tuple[Path, Path]:
+    """``(model folder, output folder)``, checked: the model has a ``config.json``, the output is empty
+    unless ``force``.
+
+    Raises:
+        FileNotFoundError: ``model`` is not a model folder.
+        ConfigError: ``out`` exists and holds files, without ``force``.
+    """
+    src, out = Path(model), Path(out)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{model}: not a model folder (no config.json)")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out}: exists and is not empty (pass --force to replace it)")
+    return src, out
+
+
 def quantize_model(
     model: str,
     out: str | os.PathLike,
@@ -39,11 +55,7 @@ def quantize_model(
         raise ConfigError(f"--bits: expected 4 or 8, got {bits}")
     if quant_type not in ("nf4", "fp4"):
         raise ConfigError(f"--quant-type: expected nf4 or fp4, got {quant_type!r}")
-    src, out = Path(model), Path(out)
-    if not (src / "config.json").exists():
-        raise FileNotFoundError(f"{model}: not a model folder (no config.json)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out}: exists and is not empty (pass --force to replace it)")
+    src, out = check_folders(model, out, force)
     dtype = default_dtype(compute_dtype)
     if bits == 4:
         qconfig = BitsAndBytesConfig(
@@ -130,11 +142,7 @@ def quantize_gptq(
     """
     if bits not in (2, 3, 4, 8):
         raise ConfigError(f"--bits: GPTQ takes 2, 3, 4 or 8, got {bits}")
-    src, out = Path(model), Path(out)
-    if not (src / "config.json").exists():
-        raise FileNotFoundError(f"{model}: not a model folder (no config.json)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out}: exists and is not empty (pass --force to replace it)")
+    src, out = check_folders(model, out, force)
     texts = read_calibration(calibration)
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
