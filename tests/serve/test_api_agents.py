@@ -431,11 +431,12 @@ def test_smollm2_agents(tmp_path):
 
 
 def test_tool_call_arguments_stream_as_written():
+    from chinese_vicuna.generation.constrain import OURS
     from chinese_vicuna.serve.replies import _Choice
 
     text = ' <tool_call>{"name":"get_weather","arguments":{"city":"北京","note":"}</x>"}}</tool_call>' \
            '<tool_call>{"name":"time","arguments":{}}</tool_call>'
-    ch = _Choice("", strip=True, tools=True)
+    ch = _Choice("", strip=True, tools=OURS)
     deltas = []
     for piece in [text[i : i + 3] for i in range(0, len(text), 3)]:
         assert ch.push(piece) == ""

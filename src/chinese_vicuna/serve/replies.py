@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..generation.constrain import OURS, CallFormat, parse_tool_calls
+from ..generation.constrain import CallFormat, parse_tool_calls
 from .schemas import APIError
 
 
@@ -48,12 +48,12 @@ def _call_head(fmt: CallFormat) -> re.Pattern:
 class _Choice:
     """One choice's text, held back while it may still turn out to be a tool call.
 
-    ``tools``: the call format of the request's tools (``True``: ours), or nothing.
+    ``tools``: the call format of the request's tools, or None (no tools).
     """
 
-    def __init__(self, prefix: str, strip: bool, tools: bool | CallFormat | None):
-        self.fmt = OURS if tools is True else tools or None
-        self.text, self.strip, self.tools = prefix, strip, self.fmt is not None
+    def __init__(self, prefix: str, strip: bool, tools: CallFormat | None):
+        self.fmt = tools
+        self.text, self.strip, self.tools = prefix, strip, tools is not None
         self.open = (self.fmt.open or "{") if self.fmt else ""
         """What a reply that is a call starts with."""
         self.head = _call_head(self.fmt) if self.fmt else None
@@ -134,7 +134,7 @@ class Reply:
     """Turns generation events into OpenAI's response body or chunk stream (chat or text completion)."""
 
     def __init__(self, req, prompt_tokens: int, *, chat: bool, prefixes: list[str],
-                 tools: bool | CallFormat | None = None, strip: bool = True):
+                 tools: CallFormat | None = None, strip: bool = True):
         self.req, self.prompt_tokens, self.chat = req, prompt_tokens, chat
         self.choices = [_Choice(p, chat and strip, tools if chat else None) for p in prefixes]
         self.n = len(prefixes)
@@ -245,7 +245,7 @@ class Reply:
 class ResponsesReply:
     """The same events in the Responses API's shapes: a ``response`` object, or its event stream."""
 
-    def __init__(self, model: str, prompt_tokens: int, *, tools: bool | CallFormat | None, strip: bool,
+    def __init__(self, model: str, prompt_tokens: int, *, tools: CallFormat | None, strip: bool,
                  instructions: str | None, max_output_tokens: int | None):
         self.model, self.prompt_tokens = model, prompt_tokens
         self.choice = _Choice("", strip, tools)
