@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -309,6 +310,33 @@ def end_training_processes(work: Path) -> None:
                 pass
 
 
+def write_bad_records(work: Path) -> None:
+    """data/bad.jsonl: a good record, then one whose instruction is not a string (line 2)."""
+    (work / "data" / "bad.jsonl").write_text('{"instruction": "你好", "output": "好"}\n{"instruction": 3}\n',
+                                             encoding="utf-8")
+
+
+@contextlib.contextmanager
+def board_page(work: Path):
+    """A board serving ``work`` and a Chromium page open at it; afterwards the board must exit with 0."""
+    from playwright.sync_api import sync_playwright
+
+    board = BoardProcess(work)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(board.url)
+                yield page
+            finally:
+                browser.close()
+    finally:
+        code = board.close()
+        end_training_processes(work)
+    assert code == 0, board.text()
+
+
 def tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
@@ -361,153 +389,127 @@ def check_data_tab(page, expect, screenshot: bool = True) -> None:
 def test_board_in_a_browser_tiny_model(tmp_path, tiny_model_dir, alpaca_file):
     """Fast: a tiny model picked in the page, refused paths and a bad record's file:line in the page, a
     2-step run to its end with train + validation points, and a run started from the CLI listed."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     shutil.copy(alpaca_file, work / "data" / "train.jsonl")
-    (work / "data" / "bad.jsonl").write_text('{"instruction": "你好", "output": "好"}\n{"instruction": 3}\n',
-                                             encoding="utf-8")
+    write_bad_records(work)
     shutil.copytree(tiny_model_dir, work / "models" / "tiny")
     proc = cli("train", *tiny_train_args(work / "models" / "tiny", "data/train.jsonl", "outputs/from-cli"), cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    board = BoardProcess(work)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(board.url)
-                base = page.locator("#model-base input")
-                expect(base).to_have_value("embedded: SmolLM2-135M-Instruct", timeout=60_000)
-                base.fill("models/tiny")
-                base.press("Enter")
-                page.locator("#model-info-btn").click()
-                expect(page.locator("#model-info")).to_contain_text("LlamaForCausalLM · ", timeout=60_000)
-                tab(page, "Data")
-                page.locator("#data-files label").filter(has_text="data/train.jsonl").click()
-                check_data_tab(page, expect, screenshot=False)
+    with board_page(work) as page:
+        base = page.locator("#model-base input")
+        expect(base).to_have_value("embedded: SmolLM2-135M-Instruct", timeout=60_000)
+        base.fill("models/tiny")
+        base.press("Enter")
+        page.locator("#model-info-btn").click()
+        expect(page.locator("#model-info")).to_contain_text("LlamaForCausalLM · ", timeout=60_000)
+        tab(page, "Data")
+        page.locator("#data-files label").filter(has_text="data/train.jsonl").click()
+        check_data_tab(page, expect, screenshot=False)
 
-                tab(page, "Train")
-                status = page.locator("#run-status")
-                expect(page.locator("#runs")).to_contain_text("outputs/from-cli")
-                expect(row(page, r"outputs/from-cli finished 2/2 [\d.]+ – \d+ – 1 cli")).to_have_count(1)
-                open_group(page, "data")
-                for key, value in dict(max_steps=2, micro_batch_size=2, batch_size=4, logging_steps=1, val_size=4,
-                                       eval_steps=1, cutoff_len=64, output_dir="outputs/tiny",
-                                       report_to="none").items():
-                    fill(page, key, value)
-                expect(page.locator("#train-command")).to_contain_text("--base_model models/tiny")
-                page.locator("#train-start").click()
-                expect(status).to_contain_text(re.compile(r"outputs/tiny · finished · step 2/2 .* 4 loss points"),
-                                               timeout=120_000)
-                expect(row(page, r"outputs/tiny finished 2/2 [\d.]+ [\d.]+ \d+ – 1 board")).to_have_count(1)
-                assert (work / "outputs" / "tiny" / "adapter_model.safetensors").exists()
-                assert "adapter written to outputs/tiny" in (work / "outputs" / "tiny" / "train.log").read_text()
-            finally:
-                browser.close()
-    finally:
-        code = board.close()
-        end_training_processes(work)
-    assert code == 0, board.text()
+        tab(page, "Train")
+        status = page.locator("#run-status")
+        expect(page.locator("#runs")).to_contain_text("outputs/from-cli")
+        expect(row(page, r"outputs/from-cli finished 2/2 [\d.]+ – \d+ – 1 cli")).to_have_count(1)
+        open_group(page, "data")
+        for key, value in dict(max_steps=2, micro_batch_size=2, batch_size=4, logging_steps=1, val_size=4,
+                               eval_steps=1, cutoff_len=64, output_dir="outputs/tiny",
+                               report_to="none").items():
+            fill(page, key, value)
+        expect(page.locator("#train-command")).to_contain_text("--base_model models/tiny")
+        page.locator("#train-start").click()
+        expect(status).to_contain_text(re.compile(r"outputs/tiny · finished · step 2/2 .* 4 loss points"),
+                                       timeout=120_000)
+        expect(row(page, r"outputs/tiny finished 2/2 [\d.]+ [\d.]+ \d+ – 1 board")).to_have_count(1)
+        assert (work / "outputs" / "tiny" / "adapter_model.safetensors").exists()
+        assert "adapter written to outputs/tiny" in (work / "outputs" / "tiny" / "train.log").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install -y chromium)")
 def test_board_in_a_browser(tmp_path):
     """The whole workflow on the embedded SmolLM2: data, train (curve, finish), stop + resume, eval, chat, GGUF."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     work = workdir(tmp_path)
-    (work / "data" / "bad.jsonl").write_text('{"instruction": "你好", "output": "好"}\n{"instruction": 3}\n',
-                                             encoding="utf-8")
-    board = BoardProcess(work)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(board.url)
-                expect(page.locator("#model-base input")).to_have_value("embedded: SmolLM2-135M-Instruct",
-                                                                        timeout=60_000)
-                page.locator("#model-info-btn").click()
-                expect(page.locator("#model-info")).to_contain_text("M parameters", timeout=60_000)
-                shot(page, "model")
-                check_data_tab(page, expect)
+    write_bad_records(work)
+    with board_page(work) as page:
+        expect(page.locator("#model-base input")).to_have_value("embedded: SmolLM2-135M-Instruct",
+                                                                timeout=60_000)
+        page.locator("#model-info-btn").click()
+        expect(page.locator("#model-info")).to_contain_text("M parameters", timeout=60_000)
+        shot(page, "model")
+        check_data_tab(page, expect)
 
-                tab(page, "Train")
-                status, message = page.locator("#run-status"), page.locator("#train-message")
-                open_group(page, "data")
-                for key, value in dict(max_steps=2, micro_batch_size=4, batch_size=4, logging_steps=1, val_size=4,
-                                       eval_steps=1, cutoff_len=128, learning_rate=0.002, output_dir="outputs/run1",
-                                       report_to="none").items():
-                    fill(page, key, value)
-                expect(page.locator("#train-command")).to_contain_text("--max_steps 2", timeout=10_000)
-                expect(page.locator("#train-command")).to_contain_text("--data_path data/samples/instruct.jsonl")
-                page.locator("#train-start").click()
-                expect(message).to_contain_text("started: chinese-vicuna train --data_path data/samples/instruct.jsonl", timeout=30_000)
-                expect(status).to_contain_text(re.compile(r"outputs/run1 · running · step 1/2 · loss [\d.]+ .* ETA \dm\d\ds"),
-                                               timeout=300_000)
-                expect(status).to_contain_text(re.compile(r"finished · step 2/2 .* 4 loss points"), timeout=300_000)
-                expect(page.locator("#runs")).to_contain_text("outputs/run1")
-                shot(page, "train")
-                page.locator("#run-monitor").screenshot(path=str(ARTIFACTS / "board-monitor.png"))
+        tab(page, "Train")
+        status, message = page.locator("#run-status"), page.locator("#train-message")
+        open_group(page, "data")
+        for key, value in dict(max_steps=2, micro_batch_size=4, batch_size=4, logging_steps=1, val_size=4,
+                               eval_steps=1, cutoff_len=128, learning_rate=0.002, output_dir="outputs/run1",
+                               report_to="none").items():
+            fill(page, key, value)
+        expect(page.locator("#train-command")).to_contain_text("--max_steps 2", timeout=10_000)
+        expect(page.locator("#train-command")).to_contain_text("--data_path data/samples/instruct.jsonl")
+        page.locator("#train-start").click()
+        expect(message).to_contain_text("started: chinese-vicuna train --data_path data/samples/instruct.jsonl", timeout=30_000)
+        expect(status).to_contain_text(re.compile(r"outputs/run1 · running · step 1/2 · loss [\d.]+ .* ETA \dm\d\ds"),
+                                       timeout=300_000)
+        expect(status).to_contain_text(re.compile(r"finished · step 2/2 .* 4 loss points"), timeout=300_000)
+        expect(page.locator("#runs")).to_contain_text("outputs/run1")
+        shot(page, "train")
+        page.locator("#run-monitor").screenshot(path=str(ARTIFACTS / "board-monitor.png"))
 
-                # Stop during a run leaves a checkpoint; Resume finishes it.
-                fill(page, "max_steps", 3)
-                fill(page, "eval_steps", 100)
-                fill(page, "output_dir", "outputs/run2")
-                page.locator("#train-start").click()
-                expect(status).to_contain_text(re.compile(r"outputs/run2 · running · step 1/3"), timeout=300_000)
-                page.locator("#train-stop").click()
-                expect(message).to_contain_text("asked run2 to stop: it saves a checkpoint after the current step", timeout=10_000)
-                expect(status).to_contain_text(re.compile(r"stopped · step [12]/3 .* 1 checkpoint\(s\)"),
-                                               timeout=120_000)
-                assert not (work / "outputs" / "run2" / "adapter_model.safetensors").exists()
-                page.locator("#train-resume").click()
-                expect(status).to_contain_text(re.compile(r"finished · step 3/3"), timeout=300_000)
-                assert "resumed from" in (work / "outputs" / "run2" / "train.log").read_text()
+        # Stop during a run leaves a checkpoint; Resume finishes it.
+        fill(page, "max_steps", 3)
+        fill(page, "eval_steps", 100)
+        fill(page, "output_dir", "outputs/run2")
+        page.locator("#train-start").click()
+        expect(status).to_contain_text(re.compile(r"outputs/run2 · running · step 1/3"), timeout=300_000)
+        page.locator("#train-stop").click()
+        expect(message).to_contain_text("asked run2 to stop: it saves a checkpoint after the current step", timeout=10_000)
+        expect(status).to_contain_text(re.compile(r"stopped · step [12]/3 .* 1 checkpoint\(s\)"),
+                                       timeout=120_000)
+        assert not (work / "outputs" / "run2" / "adapter_model.safetensors").exists()
+        page.locator("#train-resume").click()
+        expect(status).to_contain_text(re.compile(r"finished · step 3/3"), timeout=300_000)
+        assert "resumed from" in (work / "outputs" / "run2" / "train.log").read_text()
 
-                tab(page, "Evaluate")
-                page.locator("#eval-adapters label").filter(has_text="outputs/run1").click()
-                page.locator("#eval-limit input").fill("2")
-                page.locator("#eval-max-new input").fill("16")
-                page.locator("#eval-compare").click()
-                expect(page.locator("#eval-message")).to_have_text("compared 2 prompts: base, run1", timeout=240_000)
-                expect(page.locator("#eval-answers")).to_contain_text("介绍一下杭州西湖。")
-                page.locator("#eval-bench-limit input").fill("2")
-                page.locator("#eval-bench-run").click()
-                # 3 subjects x 2 questions of the bundled C-Eval sample, for the base and the adapter
-                expect(page.locator("#eval-bench-result")).to_contain_text(
-                    re.compile(r"base\s+[\d.]+%\s+6\s+run1\s+[\d.]+%\s+6"), timeout=240_000)
-                shot(page, "evaluate")
+        tab(page, "Evaluate")
+        page.locator("#eval-adapters label").filter(has_text="outputs/run1").click()
+        page.locator("#eval-limit input").fill("2")
+        page.locator("#eval-max-new input").fill("16")
+        page.locator("#eval-compare").click()
+        expect(page.locator("#eval-message")).to_have_text("compared 2 prompts: base, run1", timeout=240_000)
+        expect(page.locator("#eval-answers")).to_contain_text("介绍一下杭州西湖。")
+        page.locator("#eval-bench-limit input").fill("2")
+        page.locator("#eval-bench-run").click()
+        # 3 subjects x 2 questions of the bundled C-Eval sample, for the base and the adapter
+        expect(page.locator("#eval-bench-result")).to_contain_text(
+            re.compile(r"base\s+[\d.]+%\s+6\s+run1\s+[\d.]+%\s+6"), timeout=240_000)
+        shot(page, "evaluate")
 
-                tab(page, "Chat")
-                expect(page.locator("#chat-adapter input")).to_have_value("outputs/run2")  # the newest adapter
-                page.locator("#chat-open").click()
-                expect(page.locator("#chat-message")).to_contain_text("chat with outputs/run2 at http://127.0.0.1:",
-                                                                      timeout=240_000)
-                frame = page.frame_locator("#chat-frame")
-                expect(frame.locator("#status")).to_have_text("ready", timeout=60_000)
-                frame.locator("#message textarea").fill("你好")
-                frame.locator("#message textarea").press("Enter")
-                expect(frame.locator("#status")).to_contain_text(re.compile(r"(finished|max new tokens reached): \d+ tokens"),
-                                                                 timeout=120_000)
-                assert frame.locator("#chat [data-testid='bot']").inner_text().strip()
-                shot(page, "chat")
+        tab(page, "Chat")
+        expect(page.locator("#chat-adapter input")).to_have_value("outputs/run2")  # the newest adapter
+        page.locator("#chat-open").click()
+        expect(page.locator("#chat-message")).to_contain_text("chat with outputs/run2 at http://127.0.0.1:",
+                                                              timeout=240_000)
+        frame = page.frame_locator("#chat-frame")
+        expect(frame.locator("#status")).to_have_text("ready", timeout=60_000)
+        frame.locator("#message textarea").fill("你好")
+        frame.locator("#message textarea").press("Enter")
+        expect(frame.locator("#status")).to_contain_text(re.compile(r"(finished|max new tokens reached): \d+ tokens"),
+                                                         timeout=120_000)
+        assert frame.locator("#chat [data-testid='bot']").inner_text().strip()
+        shot(page, "chat")
 
-                tab(page, "Export")
-                page.locator("#export-adapter input").fill("outputs/run1")
-                page.locator("#export-adapter input").press("Enter")
-                page.locator("#export-gguf").click()
-                expect(page.locator("#export-result")).to_contain_text(
-                    re.compile(r"wrote outputs/run1\.q8_0\.gguf \(q8_0, [\d.]+ MiB\)"), timeout=300_000)
-                gguf = work / "outputs" / "run1.q8_0.gguf"
-                assert gguf.read_bytes()[:4] == b"GGUF"
-                shot(page, "export")
-            finally:
-                browser.close()
-    finally:
-        code = board.close()
-        end_training_processes(work)
-    assert code == 0, board.text()
+        tab(page, "Export")
+        page.locator("#export-adapter input").fill("outputs/run1")
+        page.locator("#export-adapter input").press("Enter")
+        page.locator("#export-gguf").click()
+        expect(page.locator("#export-result")).to_contain_text(
+            re.compile(r"wrote outputs/run1\.q8_0\.gguf \(q8_0, [\d.]+ MiB\)"), timeout=300_000)
+        gguf = work / "outputs" / "run1.q8_0.gguf"
+        assert gguf.read_bytes()[:4] == b"GGUF"
+        shot(page, "export")
