@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the OS picks it): no test uses a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
