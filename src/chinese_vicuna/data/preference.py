@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..stages import get_stage
 from .datasets import DataError, Source, read_sources, report_rejects, split
 from .formats import Conversation, Message, RecordError, _alpaca, _nonempty, _role_list, _string
 from .tokenize import Renderer, Sample
@@ -290,13 +291,15 @@ def load_preferences(
     """
     fmt_names = {"auto": "auto", "alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "trl"}
 
+    labelled = get_stage(stage).records == "labelled"
+
     def convert(record, where, src):
         rec = to_preference(record, where, fmt_names.get(src.format, src.format))
-        if isinstance(rec, Unpaired) and stage != "kto":
+        if isinstance(rec, Unpaired) and not labelled:
             raise RecordError(
                 where, "record", f"expected a chosen/rejected pair for stage {stage}; prompt/completion/label records are for stage kto"
             )
-        if isinstance(rec, Preference) and stage == "kto":
+        if isinstance(rec, Preference) and labelled:
             return [Unpaired(rec.prompt, rec.chosen, True, where), Unpaired(rec.prompt, rec.rejected, False, where)]
         return [rec]
 
@@ -326,6 +329,7 @@ def prepare_preferences(
     ``renderer`` must train only the final reply (``mask="last"``).
     """
     loaded = load_preferences(sources, stage, on_bad_record, dedup, seed)
+    labelled = get_stage(stage).records == "labelled"
     report_rejects(loaded.rejects, rejects_path)
     samples: list = []
     kto_pairs: list[tuple[KTOSample, Unpaired]] = []
@@ -349,7 +353,7 @@ def prepare_preferences(
             kto_pairs.append((samples[-1], rec))
     if not samples:
         raise DataError("no trainable preference samples left after tokenization (all dropped or empty)")
-    if stage == "kto":
+    if labelled:
         if len(samples) < 2:
             raise DataError("stage kto needs at least 2 records (its KL estimate pairs each prompt with another completion)")
         _attach_kl(renderer, kto_pairs, seed)
@@ -363,7 +367,7 @@ def prepare_preferences(
         "truncated": truncated,
         "dropped": dropped,
     }
-    if stage == "kto":
+    if labelled:
         stats["train_desirable"] = sum(s.desirable for s in train)
         stats["train_undesirable"] = sum(not s.desirable for s in train)
     else:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..data.collate import collate
 from ..data.preference import KTOSample
 from ..data.tokenize import IGNORE, Sample
+from ..stages import get_stage
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
@@ -141,8 +142,9 @@ class PreferenceObjective:
     def __init__(self, trainer):
         self.trainer = trainer
         self.hp = hparams(trainer.cfg)
-        self.kto = self.hp.stage == "kto"
-        self.needs_ref = self.hp.stage in ("dpo", "ipo", "kto")
+        stage = get_stage(self.hp.stage)
+        self.kto = stage.records == "labelled"
+        self.needs_ref = stage.needs_reference
         self._sums: dict[str, torch.Tensor] = {}
         self._kl = None
 
