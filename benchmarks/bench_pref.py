@@ -57,7 +57,7 @@ def batch_order(n: int, steps: int) -> list[int]:
 def run_ours(steps: int) -> dict:
     from chinese_vicuna.config import load_config
     from chinese_vicuna.train import preference
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     timing = {}
     prepare = preference.PreferenceObjective.prepare

@@ -130,7 +130,7 @@ def run_baseline(limit: int | None, quantization: str = "none") -> dict:
 
 def run_ours(limit: int | None, dtype: str, quantization: str = "none") -> dict:
     from chinese_vicuna.config import load_config
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         args = {**COMMON, **LORA, "data_path": [str(DATA)], "template": "alpaca", "output_dir": tmp,

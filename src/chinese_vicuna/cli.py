@@ -28,7 +28,7 @@ def _train_epilog() -> str:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .config import load_config
-    from .train.sft import run_training
+    from .train.trainer import run_training
 
     cfg = load_config(args.config, extra)
     if cfg.train.launcher == "ray":

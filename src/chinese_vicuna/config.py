@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .stages import STAGES, StageName, get_stage
+
 
 class ConfigError(ValueError):
     """A config file or flag is wrong; the message says which key and what was expected."""
@@ -158,6 +160,11 @@ class TrainArgs:
     gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
     ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""
+    heap_trim: Literal["step", "micro_batch", "off"] = "step"
+    """On the CPU, give the C heap's freed memory back to the system after every optimizer step (``step``),
+    after every micro-batch too (``micro_batch``: a lower peak under mixed lengths, slower), or never
+    (``off``). With mixed sample lengths glibc otherwise keeps freed blocks and the peak creeps far above
+    what the tensors need. Ignored on CUDA and where the C library has no ``malloc_trim``."""
     fast_kernels: bool = True
     """Swap in the trainer's kernels (low-memory eager attention, RMSNorm and SwiGLU that keep less for
     backward, faster LoRA dropout): the same maths as the stock modules. ``false`` trains the stock HF/PEFT modules."""
@@ -165,7 +172,7 @@ class TrainArgs:
 
 @dataclass
 class PrefArgs:
-    stage: Literal["sft", "pretrain", "dpo", "ipo", "orpo", "simpo", "kto"] = "sft"
+    stage: StageName = "sft"
     """Training objective. ``sft``: replies given prompts; ``pretrain``: raw text (records with ``text``,
     ``.txt`` files); ``dpo``/``ipo``/``orpo``/``simpo``: chosen-vs-rejected pairs; ``kto``: replies labelled
     desirable or not (pairs are split into one of each)."""
@@ -367,14 +374,17 @@ def validate(cfg: TrainConfig) -> None:
     if lo.finetuning == "full" and cfg.model.quantization != "none":
         raise ConfigError("finetuning: full cannot train quantized weights; use quantization: none")
     pr = cfg.pref
-    if pr.stage not in ("sft", "pretrain") and d.packing:
+    stage = get_stage(pr.stage)
+    if not stage.packable and d.packing:
         raise ConfigError(f"packing: not supported with stage {pr.stage} (pairs are compared as whole sequences)")
     if not 0 <= pr.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing: expected 0 <= value < 0.5, got {pr.label_smoothing}")
     if pr.pref_beta <= 0:
         raise ConfigError(f"pref_beta: expected > 0, got {pr.pref_beta}")
-    if pr.ref_adapter and pr.stage not in ("dpo", "ipo", "kto"):
-        raise ConfigError(f"ref_adapter: only dpo, ipo and kto use a reference model, not stage {pr.stage}")
+    if pr.ref_adapter and not stage.needs_reference:
+        *rest, last = [s.name for s in STAGES.values() if s.needs_reference]
+        with_ref = f"{', '.join(rest)} and {last}"
+        raise ConfigError(f"ref_adapter: only {with_ref} use a reference model, not stage {pr.stage}")
     if pr.ref_adapter and lo.lora_init in ("pissa", "olora"):
         raise ConfigError(f"ref_adapter: cannot be loaded onto the residual base that lora_init: {lo.lora_init} trains; "
                           "leave ref_adapter unset (the reference is then the original model)")

@@ -395,7 +395,7 @@ def test_7b_domain_presets_carry_the_papers_hyperparameters(name, expected):
 
 def test_continue_on_medical_beats_the_general_adapter(tiny_model_dir, tmp_path):
     """General adapter -> continue on medical data (init_adapter); compare both on the medical validation split."""
-    from chinese_vicuna.train.sft import SFTTrainer, run_training
+    from chinese_vicuna.train.trainer import Trainer, run_training
 
     def flags(**kw):
         common = dict(base_model=tiny_model_dir, micro_batch_size=4, batch_size=4, learning_rate=1e-2, cutoff_len=96,
@@ -409,7 +409,7 @@ def test_continue_on_medical_beats_the_general_adapter(tiny_model_dir, tmp_path)
                  progress_bar=False)  # fmt: skip
     cfg = load_config(None, flags(data_path=SAMPLES / "medical.jsonl", output_dir=tmp_path / "medical", max_steps=10,
                                   init_adapter=general, val_size=10))  # fmt: skip
-    trainer = SFTTrainer(cfg, progress_bar=False).setup()
+    trainer = Trainer(cfg, progress_bar=False).setup()
     val = trainer.data.val
     assert len(val) == 10  # the medical validation split
 

@@ -19,7 +19,7 @@ from helpers import run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
-from chinese_vicuna.train.sft import run_training
+from chinese_vicuna.train.trainer import run_training
 
 IDS = [1, 17, 305, 4021, 9, 77, 31000, 12, 5, 6]
 FP32 = dict(rtol=0, atol=1e-5)

@@ -84,7 +84,7 @@ def test_seed_adapter_merges(seed_adapter, tiny_model_dir, tmp_path, low_memory)
 
 
 def test_seed_adapter_initialises_training(seed_adapter, tiny_model_dir, alpaca_file, tmp_path):
-    from chinese_vicuna.train.sft import SFTTrainer
+    from chinese_vicuna.train.trainer import Trainer
 
     folder, _, state = seed_adapter
     cfg = load_config(None, [
@@ -92,7 +92,7 @@ def test_seed_adapter_initialises_training(seed_adapter, tiny_model_dir, alpaca_
         "--init_adapter", str(folder), "--dtype", "float32", "--report_to", "none", "--max_steps", "1",
         "--micro_batch_size", "2", "--batch_size", "2", "--cutoff_len", "64",
     ])  # fmt: skip
-    trainer = SFTTrainer(cfg, progress_bar=False).setup()
+    trainer = Trainer(cfg, progress_bar=False).setup()
     model = trainer.accelerator.unwrap_model(trainer.wrapper).model
     trainable = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == set(state)

@@ -221,7 +221,7 @@ def test_resize_refuses_to_overwrite_its_input(zh_tok, tiny_model_dir):
 
 
 def test_resize_cli_then_continued_pretraining_learns(zh_tok, tiny_model_dir, tmp_path):
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     out = tmp_path / "tiny-zh"
     p = cli("vocab", "resize", "--base", tiny_model_dir, "--tokenizer", zh_tok, "--out", out)

@@ -9,7 +9,7 @@ from helpers import run_flags
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
-from chinese_vicuna.train.sft import SFTTrainer, run_training
+from chinese_vicuna.train.trainer import Trainer, run_training
 
 
 def flags(base, data, out, **kw):
@@ -20,7 +20,7 @@ def step_gradients(cfg):
     """Gradients of the first optimizer step's loss, and how often decoder layer 0's MLP started its forward
     (transformers checkpoints the layer's ``forward``, so the hooks of its submodules see the recompute; a
     pre-hook, since torch stops the recompute as soon as the last saved tensor is rebuilt)."""
-    t = SFTTrainer(cfg, progress_bar=False).setup()
+    t = Trainer(cfg, progress_bar=False).setup()
     model = t.accelerator.unwrap_model(t.wrapper).model
     layer = model.get_base_model().model.layers[0] if hasattr(model, "get_base_model") else model.model.layers[0]
     calls = []
@@ -59,7 +59,7 @@ def test_8bit_checkpointing_keeps_no_int8_matmul_in_the_graph(tiny_model_dir, al
     while without it there is one per quantized projection."""
 
     def int8_nodes(ckpt):
-        t = SFTTrainer(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / ckpt, quantization="8bit",
+        t = Trainer(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / ckpt, quantization="8bit",
                                                gradient_checkpointing=ckpt)), progress_bar=False).setup()
         t.wrapper.train()
         loss_sum, _ = t.wrapper(**t.step_batches(0)[0])
@@ -99,11 +99,11 @@ def test_checkpointing_auto_follows_the_plan(tiny_model_dir, alpaca_file, tmp_pa
 
     cfg = load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "a", max_steps=1))
     assert cfg.train.gradient_checkpointing == "auto"
-    t = SFTTrainer(cfg, progress_bar=False).setup()
+    t = Trainer(cfg, progress_bar=False).setup()
     assert not t.checkpointing  # a tiny model fits this machine
     need = t.memory_plan.peak
     monkeypatch.setattr(plan, "device_memory", lambda device: need)  # a device just too small to run without it
-    t2 = SFTTrainer(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=1)),
+    t2 = Trainer(load_config(None, flags(tiny_model_dir, alpaca_file, tmp_path / "b", max_steps=1)),
                     progress_bar=False).setup()
     assert t2.checkpointing and t2.memory_plan.checkpointing and t2.memory_plan.peak < need
 

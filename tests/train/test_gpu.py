@@ -10,7 +10,7 @@ import torch
 from helpers import write_jsonl
 
 from chinese_vicuna.config import load_config
-from chinese_vicuna.train.sft import run_training
+from chinese_vicuna.train.trainer import run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[2]

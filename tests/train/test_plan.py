@@ -163,7 +163,7 @@ def test_rope_scaling_is_what_transformers_computes(tiny_model_dir, kind):
 
 
 def test_training_with_rope_scaling_past_the_context(tiny_model_dir, tmp_path):
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     rows = [{"instruction": f"题{i}", "input": "", "output": "答" * 700} for i in range(4)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)

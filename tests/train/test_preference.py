@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLES, run_cli, run_flags, write_jsonl
+from helpers import SAMPLES, free_port, run_cli, run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import ConfigError, load_config
 from chinese_vicuna.data.tokenize import IGNORE
 from chinese_vicuna.train.preference import PrefHparams, kto_losses, pair_losses
-from chinese_vicuna.train.sft import run_training
+from chinese_vicuna.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["dpo", "ipo", "orpo", "simpo", "kto"]
@@ -183,9 +183,9 @@ def test_dpo_raises_the_margin_on_held_out_pairs(tiny_model_dir, tmp_path):
     cfg = load_config(None, overrides(tiny_model_dir, data, tmp_path / "run", stage="dpo", max_steps=12, val_size=8,
                                       eval_steps=12, lora_target_modules="all-linear", lora_r=8, learning_rate=2e-2,
                                       pref_beta=0.5))
-    from chinese_vicuna.train.sft import SFTTrainer
+    from chinese_vicuna.train.trainer import Trainer
 
-    trainer = SFTTrainer(cfg, progress_bar=False).setup()
+    trainer = Trainer(cfg, progress_bar=False).setup()
     before = trainer.objective.evaluate()
     assert before["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and before["val_rewards/margins"] == 0
     trainer.train()
@@ -238,7 +238,7 @@ def test_ddp_two_processes_match_one(stage, tiny_model_dir, pairs_file, tmp_path
     common = dict(stage=stage, max_steps=2, lora_dropout=0.0, micro_batch_size=1, batch_size=4)
     run_training(load_config(None, overrides(tiny_model_dir, pairs_file, tmp_path / "one", **common)), progress_bar=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "chinese_vicuna", "train", *overrides(tiny_model_dir, pairs_file, tmp_path / "two", **common)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_flags, write_jsonl
+from helpers import free_port, run_flags, write_jsonl
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
 from chinese_vicuna.train.checkpoint import find_resume, list_checkpoints
-from chinese_vicuna.train.sft import run_training
+from chinese_vicuna.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from chinese_vicuna.config import load_config
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     def kill_after_step_4(trainer, step, metrics):
         if step == 4:
@@ -249,11 +249,11 @@ def test_skipped_fp16_step_does_not_advance_the_schedule(tiny_model_dir, alpaca_
     """
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from chinese_vicuna.train.sft import SFTTrainer
+    from chinese_vicuna.train.trainer import Trainer
 
     cfg = load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "fp16", max_steps=4, max_grad_norm=0,
                                       lora_dropout=0.0, learning_rate=1e-2))
-    t = SFTTrainer(cfg, progress_bar=False).setup()
+    t = Trainer(cfg, progress_bar=False).setup()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     t.optimizer = AcceleratedOptimizer(t.optimizer.optimizer, device_placement=False, scaler=scaler)
     t.accelerator.scaler = scaler  # accelerator.backward scales the loss
@@ -290,7 +290,7 @@ def test_ddp_two_processes_match_one(tiny_model_dir, varied_file, tmp_path, kind
     one = run_training(load_config(None, overrides(tiny_model_dir, alpaca_file, tmp_path / "one", **common)), progress_bar=False)
     assert_lengths_vary(one)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "chinese_vicuna", "train", *overrides(tiny_model_dir, alpaca_file, tmp_path / "two", **common)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

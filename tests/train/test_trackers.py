@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
 from chinese_vicuna.train.checkpoint import list_checkpoints
-from chinese_vicuna.train.sft import run_training
+from chinese_vicuna.train.trainer import run_training
 
 
 def overrides(base, data, out, **kw) -> list[str]:
@@ -95,7 +95,7 @@ STOPPER = textwrap.dedent(
     """
     import os, signal, sys
     from chinese_vicuna.config import load_config
-    from chinese_vicuna.train.sft import run_training
+    from chinese_vicuna.train.trainer import run_training
 
     def stop_at_step_2(trainer, step, metrics):
         if step == 2:

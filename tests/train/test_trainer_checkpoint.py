@@ -16,7 +16,7 @@ from helpers import run_cli
 from safetensors.torch import load_file
 
 from chinese_vicuna.config import load_config
-from chinese_vicuna.train.sft import SFTTrainer
+from chinese_vicuna.train.trainer import Trainer
 
 STEPS = 2
 
@@ -30,7 +30,8 @@ MODULES_TO_SAVE = {"lora": None, "lora+norm+lm_head": ["model.norm", "lm_head"]}
 def hf_checkpoint(request, tmp_path_factory, tiny_model_dir):
     """(Trainer checkpoint folder, {parameter name: the Trainer's AdamW state for it}, modules_to_save)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import Trainer as HFTrainer
 
     out = tmp_path_factory.mktemp("hf-trainer")
     torch.manual_seed(0)
@@ -46,7 +47,7 @@ def hf_checkpoint(request, tmp_path_factory, tiny_model_dir):
         output_dir=str(out), max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
         weight_decay=0.01, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer = HFTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     groups = [len(g["params"]) for g in trainer.optimizer.param_groups]
     assert groups == ([8, 0] if extra is None else [9, 1])  # 2 layers x q,v x A,B (+ lm_head | + norm)
@@ -82,7 +83,7 @@ def test_resume_from_a_trainer_checkpoint(hf_checkpoint, tiny_model_dir, alpaca_
     global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
     extra = ["--modules_to_save", ",".join(modules_to_save)] if modules_to_save else []
     cfg = our_config(tiny_model_dir, alpaca_file, tmp_path / "run", ckpt, *extra)
-    trainer = SFTTrainer(cfg, progress_bar=False).setup()
+    trainer = Trainer(cfg, progress_bar=False).setup()
     assert trainer.progress.step == global_step == STEPS
     assert trainer.scheduler.last_epoch == STEPS
     model = trainer.accelerator.unwrap_model(trainer.wrapper).model

@@ -43,7 +43,7 @@ def _worker(config: dict) -> None:
     import os
 
     from ..config import load_config
-    from .sft import run_training
+    from .trainer import run_training
 
     path = Path(config["output_dir"]) / f".ray_config.{os.getpid()}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The trainer: ``setup()`` builds model, data and optimizer, ``train()`` runs the loop, ``save()`` writes.
+"""The trainer of every stage: ``setup()`` builds model, data and optimizer, ``train()`` runs the loop, ``save()`` writes.
 
 The loop is ours and visible; the engine is accelerate, so the same code runs on one CPU/GPU,
 under ``accelerate launch``/``torchrun`` (DDP), DeepSpeed ZeRO or FSDP, chosen by the launch
@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..data.collate import collate, collate_packed, plan_batches, plan_packed
+from ..data.collate import collate, plan_batches, plan_packed
 from ..data.datasets import PreparedData, parse_source, prepare
 from ..data.preference import prepare_preferences
 from ..data.templates import get_template
-from ..data.tokenize import IGNORE, Renderer, Sample, save_tokenizer
+from ..data.tokenize import Renderer, save_tokenizer
 from ..model.adapters import META_FILE, attach_lora, trainable_summary
 from ..model.load import load_model_and_tokenizer, resolve_base_model, training_precision
 from ..model.quantize import prepare_for_kbit_training
 from ..model.variants import keep_initial_adapter, make_optimizer
+from ..stages import get_stage
+from . import heap
 from .callbacks import StopRequest, TrainLogger
 from .checkpoint import (
     Progress,
@@ -46,8 +48,9 @@ from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attentio
 from .loss import CausalLMLoss
 from .plan import compare_line, model_config, needs_checkpointing, plan_run
 from .preference import PreferenceObjective
+from .sft import SFTObjective
 
-StepCallback = Callable[["SFTTrainer", int, dict], None]
+StepCallback = Callable[["Trainer", int, dict], None]
 
 
 def upcast_trainable(model: torch.nn.Module) -> list[str]:
@@ -85,50 +88,10 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
-class SFTObjective:
-    """Next-token cross-entropy over the trained tokens (``sft`` and ``pretrain``); the unit is a token.
+class Trainer:
+    """One trainer for every stage (``sft``, ``pretrain``, the preference stages); the stage's objective
+    (:mod:`.sft`, :mod:`.preference`) supplies what differs: lengths, collation, units and the loss."""
 
-    The trainer asks its objective for everything stage-specific: sample lengths, collation, the
-    step's unit count, the micro-batch loss sum, extra metrics and validation (see
-    :class:`.preference.PreferenceObjective` for the preference stages).
-    """
-
-    log_fields: tuple[str, ...] = ()
-
-    def __init__(self, trainer: SFTTrainer):
-        self.trainer = trainer
-
-    @staticmethod
-    def length(s: Sample) -> int:
-        return len(s.input_ids)
-
-    def collate(self, samples: list[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
-        batch = collate_packed(samples, pad_id) if self.trainer.cfg.data.packing else collate(samples, pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
-
-    @staticmethod
-    def count(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-    trained_tokens = count
-
-    def prepare(self) -> None:
-        pass
-
-    def begin_step(self, batches: list[dict]) -> None:
-        pass
-
-    def loss(self, wrapper, batch: dict) -> torch.Tensor:
-        return wrapper(**batch)[0]
-
-    def pop_metrics(self) -> dict[str, float]:
-        return {}
-
-    def evaluate(self) -> dict[str, float]:
-        return {"val_loss": self.trainer.evaluate_tokens()}
-
-
-class SFTTrainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True):
         self.cfg = cfg
         self.callbacks = callbacks or []
@@ -137,25 +100,35 @@ class SFTTrainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> SFTTrainer:
+    def setup(self) -> Trainer:
+        """Build everything a run needs, in order; each step is a method below."""
+        self.setup_accelerator()
+        self.setup_model()
+        self.setup_adapters()
+        self.setup_data()
+        self.setup_plan()
+        self.setup_optimizer()
+        self.setup_resume()
+        return self
+
+    def setup_accelerator(self) -> None:
+        """Threads, precision, the accelerate engine (single process, DDP, DeepSpeed, FSDP), the seed."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         cfg, t = self.cfg, self.cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         cfg.model.base_model = resolve_base_model(cfg.model.base_model)
         # bf16/fp16 compute through autocast (accelerate's mixed precision), see training_precision.
-        mixed, load_dtype = training_precision(cfg.model.dtype, cfg.lora.finetuning == "full")
-        self.mixed_precision = mixed
+        self.mixed_precision, self.load_dtype = training_precision(cfg.model.dtype, cfg.lora.finetuning == "full")
         # accelerate keeps one global state per process; a second run in the same process (a notebook,
         # the tests) may ask for another precision, so forget the previous run's (not the process group).
         AcceleratorState._reset_state(reset_partial_state=False)
         # cpu=True lets accelerate pick gloo DDP on CPU-only machines under torchrun/accelerate launch.
         asked = {k: os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true" for k in ("DEEPSPEED", "FSDP")}
-        self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        self.accelerator = acc = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
         self.world = acc.num_processes
         engine = acc.distributed_type.value
         if acc.is_main_process:
@@ -168,12 +141,15 @@ class SFTTrainer:
         set_seed(t.seed)
         if acc.is_main_process:
             clean_partial(t.output_dir)
+
+    def setup_model(self) -> None:
+        """The base model and tokenizer (quantized if asked), after checking the shape against cutoff_len."""
+        cfg, acc = self.cfg, self.accelerator
         # the model config alone first: a cutoff_len past the (rope-scaled) context fails before the weights load
         _, self.shape = model_config(cfg)
-
         model, tok = load_model_and_tokenizer(
             cfg.model.base_model,
-            dtype=load_dtype,
+            dtype=self.load_dtype,
             quantization=cfg.model.quantization,
             attn_implementation=self._attention(),
             trust_remote_code=cfg.model.trust_remote_code,
@@ -182,6 +158,11 @@ class SFTTrainer:
         )
         if cfg.model.quantization != "none":
             model = prepare_for_kbit_training(model)
+        self.model, self.tokenizer = model, tok
+
+    def setup_adapters(self) -> None:
+        """LoRA (and its variants) on the base, or every weight trainable; trainable weights in fp32; kernels."""
+        cfg, acc, model = self.cfg, self.accelerator, self.model
         if cfg.lora.finetuning == "lora":
             model = attach_lora(
                 model,
@@ -201,21 +182,23 @@ class SFTTrainer:
         else:
             model.requires_grad_(True)
         upcast_trainable(model)
-        if t.fast_kernels:
-            swapped = apply_training_kernels(model, autocast=mixed != "no")
+        if cfg.train.fast_kernels:
+            swapped = apply_training_kernels(model, autocast=self.mixed_precision != "no")
             if acc.is_main_process and swapped:
                 print("kernels: " + ", ".join(swapped + [model.config._attn_implementation]))
         model.config.use_cache = False
-        self.model, self.tokenizer = model, tok
+        self.model = model
         if acc.is_main_process:
             print(trainable_summary(model))
 
-        d, stage = cfg.data, cfg.pref.stage
-        self.template = get_template(d.template, tok, d.system_prompt)
-        preference = stage not in ("sft", "pretrain")
+    def setup_data(self) -> None:
+        """Records -> samples (train/validation) for the stage, its objective, and the step count."""
+        cfg, t, acc, d = self.cfg, self.cfg.train, self.accelerator, self.cfg.data
+        self.stage = stage = get_stage(cfg.pref.stage)
+        self.template = get_template(d.template, self.tokenizer, d.system_prompt)
         # preference stages train the final reply only: chosen and rejected differ there
-        self.renderer = Renderer(tok, self.template, d.cutoff_len, "last" if preference else d.mask, d.overlong)
-        fmt = "text" if stage == "pretrain" else d.format
+        mask = "last" if stage.preference else d.mask
+        self.renderer = Renderer(self.tokenizer, self.template, d.cutoff_len, mask, d.overlong)
         data_args = dict(
             val_size=d.val_size,
             seed=t.seed,
@@ -225,9 +208,9 @@ class SFTTrainer:
             rejects_path=str(Path(t.output_dir) / "rejects.jsonl"),
             progress=acc.is_main_process and self.progress_bar,
         )
-        sources = [parse_source(s, fmt) for s in d.data_path]
-        if preference:
-            self.data = prepare_preferences(self.renderer, sources, stage, **data_args)
+        sources = [parse_source(s, stage.data_format or d.format) for s in d.data_path]
+        if stage.preference:
+            self.data = prepare_preferences(self.renderer, sources, stage.name, **data_args)
             self.objective = PreferenceObjective(self)
         else:
             self.data: PreparedData = prepare(self.renderer, sources, **data_args)
@@ -246,14 +229,20 @@ class SFTTrainer:
         self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step))
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
 
+    def setup_plan(self) -> None:
+        """The memory plan of this run; gradient checkpointing on where it says the run would not fit."""
+        acc = self.accelerator
         self.checkpointing, self.memory_plan = needs_checkpointing(
-            plan_run(cfg, self.shape, self.lengths, device=acc.device.type))
+            plan_run(self.cfg, self.shape, self.lengths, device=acc.device.type))
         if self.checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(self.model)
         if acc.is_main_process:
             print(f"memory plan: predicted peak {self.memory_plan.peak_mib} MiB on {acc.device.type}, gradient "
                   f"checkpointing {'on' if self.checkpointing else 'off'} (`chinese-vicuna plan` for the breakdown)")
 
+    def setup_optimizer(self) -> None:
+        """The optimizer over the trainable weights, the loss wrapper, both through accelerate."""
+        cfg, t, acc, model = self.cfg, self.cfg.train, self.accelerator, self.model
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(model, params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                         loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio)
@@ -265,6 +254,11 @@ class SFTTrainer:
         self._trainable = params
         self.objective.prepare()  # the reference log-probs, from the initial weights (before any resume)
 
+    def setup_resume(self) -> None:
+        """The learning-rate schedule, what a checkpoint holds, and the checkpoint to resume from."""
+        from transformers import get_scheduler
+
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         self.resumed_from: Path | None = None
         start = 0
         if t.resume:
@@ -281,7 +275,6 @@ class SFTTrainer:
             acc.register_load_state_pre_hook(lambda models, inp: models.clear())
         if t.resume:
             self._resume(ckpt, t.new_data)
-        return self
 
     def _attention(self) -> str:
         name = self.cfg.model.attn_implementation
@@ -352,6 +345,9 @@ class SFTTrainer:
         metrics: dict = {}
         # SIGTERM / Ctrl-C / a STOP file: finish the step, write a checkpoint, return (resume continues it)
         stop = StopRequest(t.output_dir, acc)
+        # the C heap's freed blocks back to the system (CPU only: CUDA memory is torch's caching allocator's)
+        trim_step = t.heap_trim != "off" and acc.device.type == "cpu" and heap.can_trim()
+        trim_micro = trim_step and t.heap_trim == "micro_batch"
         self.stopped_at: int | None = None
         try:  # an exception in the loop (a callback, Ctrl-C twice) must not leave our handlers installed
             for step in range(start, self.total_steps):
@@ -372,6 +368,8 @@ class SFTTrainer:
                         # mean over the trained tokens (pairs) of the whole step, on every process
                         acc.backward(loss_sum * self.world / n_global.clamp(min=1))
                     step_loss += loss_sum.detach()
+                    if trim_micro and not last:
+                        heap.trim()
                     mask = batch.get("attention_mask")
                     log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
                 log.tokens(0, sum(self.objective.trained_tokens(b) for b in batches))
@@ -384,6 +382,8 @@ class SFTTrainer:
                 if not self.optimizer.step_was_skipped:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if trim_step:
+                    heap.trim()
                 self.progress.step = step + 1
                 loss_acc += step_loss
                 tok_acc += n_global / self.world
@@ -405,6 +405,8 @@ class SFTTrainer:
                 tick = now
                 if self.data.val and (done % t.eval_steps == 0 or done == self.total_steps):
                     metrics["val_loss"] = self.evaluate()
+                    if trim_step:
+                        heap.trim()
                     metrics.update(self.last_eval)
                     if self.progress.best_val is None or metrics["val_loss"] < self.progress.best_val:
                         self.progress.best_val, self.progress.best_step = metrics["val_loss"], done
@@ -509,9 +511,9 @@ class SFTTrainer:
         return out
 
 
-def run_training(cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True) -> SFTTrainer:
+def run_training(cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True) -> Trainer:
     """setup -> train -> save; returns the trainer (history, data stats, paths)."""
-    trainer = SFTTrainer(cfg, callbacks, progress_bar).setup()
+    trainer = Trainer(cfg, callbacks, progress_bar).setup()
     if cfg.train.output_dir and trainer.accelerator.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(Path(cfg.train.output_dir) / "run_config.yaml")
