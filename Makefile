@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch is pinned to the CPU build on local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install base-model browser demo test test-all bench lint clean
+.PHONY: install base-model browser demo test test-all bench lint docs clean
 
 install: $(STAMP) base-model browser
 
@@ -51,5 +51,11 @@ bench: install
 lint:
 	$(BIN)/ruff check src tests benchmarks
 
+# The documentation site: docs/config.md regenerated from the config dataclasses, then MkDocs into site/.
+docs: install
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[docs]'
+	$(BIN)/python -m chinese_vicuna.docs_reference docs/config.md
+	$(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache site

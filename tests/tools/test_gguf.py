@@ -256,7 +256,7 @@ def test_smollm2_with_adapter_f16_greedy_equals_hf_and_q8_0_perplexity(tmp_path,
 
 
 # Opt-in: no installed wheel ships llama.cpp's script (llama-cpp-python's sdist has it under
-# vendor/llama.cpp/, with its `conversion/` package), so the README makes no claim from it.
+# vendor/llama.cpp/, with its `conversion/` package), so the docs make no claim from it.
 @pytest.mark.skipif(not os.environ.get("LLAMA_CPP_CONVERTER"), reason="set LLAMA_CPP_CONVERTER=llama.cpp/convert_hf_to_gguf.py")
 def test_same_file_as_llama_cpp_converter(tmp_path):
     """Tensors and metadata equal those of llama.cpp's own script (apart from its name fields)."""

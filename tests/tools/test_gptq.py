@@ -61,7 +61,7 @@ def perplexity(model, tok, texts):
 @pytest.mark.skipif(not HAS_GPTQ, reason="needs GPTQModel (torch >= 2.14.1): benchmarks/gpu_check.sh installs it")
 def test_gptq_smollm2_reloads_in_transformers_close_to_fp16(tmp_path):
     """SmolLM2 quantized to 4-bit GPTQ on bundled Chinese text: transformers reloads the folder, and the
-    perplexity on held-out text stays within 25% of the 16-bit model's (the README states this bound)."""
+    perplexity on held-out text stays within 25% of the 16-bit model's (docs/export.md states this bound)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chinese_vicuna.model.load import resolve_base_model

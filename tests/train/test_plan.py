@@ -180,7 +180,7 @@ def test_training_with_rope_scaling_past_the_context(tiny_model_dir, tmp_path):
 def test_plan_is_within_15_percent_of_the_recorded_gpu_peaks(results, base):
     """The planner against the peaks benchmarks/gpu_check.sh measured on an H200 (peak reserved + context):
     SmolLM2 LoRA/QLoRA at cutoff 256/1024, and LLaMA-7B's shape in 16-bit, 8-bit and 4-bit at cutoff 256/2048,
-    checkpointing off and on (8-bit: off only): every run within 15% (the README's figures)."""
+    checkpointing off and on (8-bit: off only): every run within 15% (the figures in docs/memory.md)."""
     import json
     from pathlib import Path
 

@@ -286,7 +286,7 @@ def test_config_checks():
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
 def test_demo_config_with_the_bundled_pairs(stage, tmp_path):
-    """The README's command on the embedded model: `train configs/demo.yaml --stage S --data_path PAIRS`."""
+    """docs/preference.md's command on the embedded model: `train configs/demo.yaml --stage S --data_path PAIRS`."""
     out = tmp_path / stage
     proc = run_cli("train", str(ROOT / "configs" / "demo.yaml"), "--stage", stage, "--data_path",
                    str(SAMPLES / "preference.jsonl"), "--max_steps", "2", "--output_dir", str(out), "--val_size", "0",
