@@ -51,7 +51,8 @@ bench: install
 lint:
 	$(BIN)/ruff check src tests benchmarks
 
-# The documentation site: docs/config.md regenerated from the config dataclasses, then MkDocs into site/.
+# The documentation site: docs/config.md regenerated from the config dataclasses, then MkDocs into site/
+# (strict: a broken link or a page missing from the nav fails). mkdocs is also a dev dependency, so `make test` builds it too.
 docs: install
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[docs]'
 	$(BIN)/python -m chinese_vicuna.docs_reference docs/config.md
