@@ -384,14 +384,34 @@ def validate(cfg: TrainConfig) -> None:
     if t.gradient_checkpointing not in ("auto", "true", "false"):
         raise ConfigError(f"gradient_checkpointing: expected auto, true or false, got {t.gradient_checkpointing!r}")
     if cfg.model.rope_scaling is not None:
-        from .model.load import parse_rope_scaling
-
         parse_rope_scaling(cfg.model.rope_scaling)
     if lo.lora_init in ("pissa", "olora", "loftq") and cfg.model.quantization != "none":
         raise ConfigError(f"lora_init: {lo.lora_init} initialises from the full-precision base weights; "
                           "use quantization: none")
     if t.new_data and not t.resume:
         raise ConfigError("new_data needs resume: it continues a run's optimizer on new data")
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+
+
+def parse_rope_scaling(spec: str) -> tuple[str, float]:
+    """``"linear:2"`` -> ``("linear", 2.0)``; the types are transformers' names (``dynamic`` = NTK-aware).
+
+    Raises:
+        ConfigError: not ``TYPE:FACTOR`` with a known type and a factor > 1.
+    """
+    kind, _, factor = str(spec).partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if kind not in ROPE_TYPES or value <= 1.0:
+        raise ConfigError(
+            f"rope_scaling: expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and FACTOR > 1 "
+            f"(e.g. linear:2), got {spec!r}"
+        )
+    return kind, value
 
 
 def field_help() -> list[tuple[str, str, str]]:
