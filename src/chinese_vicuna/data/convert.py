@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .datasets import DataError, iter_records
+from .datasets import DataError, collect_records, iter_records, text_field
 
 MEDICAL_PROMPT = "扮演一个专业的医生并回答病人的问题。"
 LEGAL_PROMPT = "扮演一个专业的律师并回答当事人的问题。"
@@ -142,35 +142,6 @@ def cmedqa_paper_records(
     return records, stats
 
 
-def text_field(where: str, record: dict, key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        got = "an empty string" if isinstance(value, str) else type(value).__name__
-        raise DataError(f"{where}: {key}: expected a non-empty string, got {got}")
-    return value.strip()
-
-
-def collect_records(
-    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, path: str,
-    skipped: list[str] | None,
-) -> list[dict]:
-    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors appended
-    to ``skipped``. A source that yields no record at all is an error."""
-    records, bad = [], []
-    for where, r in tqdm(items, desc=Path(path).name, unit=" records", leave=False):
-        try:
-            records.append(convert(where, r))
-        except DataError as e:
-            if on_bad_record != "skip":
-                raise
-            bad.append(str(e))
-    if skipped is not None:
-        skipped.extend(bad)
-    if not records:
-        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
-    return records
-
-
 def _lawyer_record(where: str, r: Any) -> dict:
     if not isinstance(r, dict):
         raise DataError(f"{where}: record: expected a JSON object, got {type(r).__name__}")
@@ -268,7 +239,7 @@ def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
-    from .cail import cail_records  # (data/cail.py builds on this module's record helpers)
+    from .cail import cail_records
 
     return _convert_legal(args, cail_records)
 
