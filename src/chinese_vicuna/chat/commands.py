@@ -6,9 +6,9 @@ Only argparse is imported at module level: this module is loaded for every ``--h
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 
+from ..access import is_loopback, parse_auth
 from ..config import ConfigError
 
 # Same defaults as generation.decode.GenArgs (a test checks they agree); importing GenArgs here
@@ -110,27 +110,11 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     return run(session, _title(session))
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ConfigError("--auth: expected USER:PASS")
-    return user, password
-
-
 def cmd_webui(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..serve.webui import launch
+    from .webui import launch
 
     auth = parse_auth(args.auth)
-    if not _is_loopback(args.host) and auth is None:
+    if not is_loopback(args.host) and auth is None:
         print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it",
               file=sys.stderr)
     session = make_session(args)  # checks the flags and loads the model once

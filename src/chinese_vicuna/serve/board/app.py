@@ -674,7 +674,7 @@ def build_board(board: Board):
 
 def launch(board: Board, port: int = 7861) -> int:
     """Serve the board until Ctrl-C / SIGTERM; training runs it started keep running."""
-    from ..webui import serve_until_stopped
+    from ...chat.webui import serve_until_stopped
 
     demo = build_board(board)
     demo.queue(max_size=64)
