@@ -223,7 +223,8 @@ class TrainConfig:
         os.replace(tmp, path)
 
 
-def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every config key -> (its group: model, lora, data, train or pref; its dataclass field, type resolved)."""
     groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "pref": PrefArgs}
     table: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in groups.items():
@@ -282,7 +283,7 @@ def _unknown(key: str, known: typing.Iterable[str]) -> ConfigError:
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """Turn ``--key value``/``--key=value``/``--flag`` into raw values; list keys may repeat."""
-    table = _fields()
+    table = config_fields()
     raw: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -325,7 +326,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Raises:
         ConfigError: unknown key, wrong type, unreadable YAML.
     """
-    table = _fields()
+    table = config_fields()
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)

@@ -185,12 +185,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         else:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ModelLoadError(_explain(path, e)) from None
+        raise ModelLoadError(explain_load_error(path, e)) from None
     _pick_pad(tok)
     return tok
 
 
-def _explain(path: str, e: Exception) -> str:
+def explain_load_error(path: str, e: Exception) -> str:
+    """One line saying why ``path`` could not be loaded: not found locally nor on the hub, or the error."""
     if not Path(path).exists():
         return (
             f"{path}: not a local folder, and it could not be fetched from the Hugging Face hub "
@@ -306,7 +307,7 @@ def load_model(
         try:
             config = AutoConfig.from_pretrained(**src, trust_remote_code=trust_remote_code)
         except OSError as e:
-            raise ModelLoadError(_explain(path, e)) from None
+            raise ModelLoadError(explain_load_error(path, e)) from None
         apply_rope_scaling(config, rope_scaling)
         kwargs["config"] = config
     if quantization != "none":
@@ -321,7 +322,7 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelLoadError(_explain(path, e)) from None
+        raise ModelLoadError(explain_load_error(path, e)) from None
     if quantization == "none" and device:
         model.to(device)
     return model

@@ -41,9 +41,9 @@ from .runtime import (  # noqa: F401 - Admission, Task, plan: part of this modul
     Job,
     Server,
     Task,
-    _ClientGone,
-    _disconnected,
-    _EventStream,
+    ClientGone,
+    wait_disconnect,
+    EventStream,
     plan,
 )
 from .schemas import (
@@ -68,8 +68,8 @@ _RAW = PromptTemplate()
 async def _respond(request: Request, job: Job, reply: Reply | ResponsesReply, stream: bool) -> Any:
     """The SSE stream, or the whole response -- cancelling the job if the client leaves meanwhile."""
     if stream:
-        return _EventStream(reply.stream(aiter(job)), job)
-    gone = asyncio.ensure_future(_disconnected(request))
+        return EventStream(reply.stream(aiter(job)), job)
+    gone = asyncio.ensure_future(wait_disconnect(request))
     gone.add_done_callback(lambda f: f.cancelled() or job.cancel())
     try:
         return await reply.collect(aiter(job))
@@ -170,8 +170,8 @@ def create_app(
         msg = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(_ClientGone)
-    async def _gone(request: Request, exc: _ClientGone) -> Response:
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(Exception)
