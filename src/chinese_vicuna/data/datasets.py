@@ -174,6 +174,19 @@ def collect_records(
     return records
 
 
+def read_prompts(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(instruction, input) pairs from a JSONL/JSON file of ``{"instruction", "input"?}`` records."""
+    prompts = []
+    for where, r in iter_records(path):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise DataError(f"{where}: instruction: expected a string")
+        ctx = r.get("input") or ""
+        if not isinstance(ctx, str):
+            raise DataError(f"{where}: input: expected a string")
+        prompts.append((r["instruction"], ctx))
+    return prompts[:limit] if limit else prompts
+
+
 def _hub_records(name: str) -> Iterator[tuple[str, Any]]:
     import datasets
 

@@ -328,13 +328,14 @@ class Board:
         return [f"{Path(a).name}={self.guard.resolve(a, what='adapter')}" for a in adapters or []]
 
     def compare(self, adapters: list[str], prompts: str, limit: float, max_new_tokens: float, base: str | None):
+        from ...data.datasets import read_prompts
         from ...eval import compare as cmp
         from ...generation.decode import GenArgs
 
         try:
             specs = self._adapter_specs(adapters)
             path = self.guard.resolve(prompts, what="prompts")
-            items = cmp.read_prompts(str(path), int(limit or 0) or None)
+            items = read_prompts(str(path), int(limit or 0) or None)
             with self._lock:  # one model at a time on this machine
                 columns = cmp.compare(items, specs, self.base_arg(base) if not specs else None,
                                       GenArgs(max_new_tokens=int(max_new_tokens or 64)))
