@@ -415,19 +415,24 @@ def parse_rope_scaling(spec: str) -> tuple[str, float]:
     return kind, value
 
 
-def field_help() -> list[tuple[str, str, str]]:
-    """(key, default, docstring) for every config key, for --help and the README."""
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal that follows it), by name."""
     import ast
     import inspect
 
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every config key, for --help and the README."""
     rows = []
     for cls in CONFIG_CLASSES:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for node, nxt in zip(body, body[1:] + [None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((f.name, repr(default), docs.get(f.name, "")))

@@ -1,16 +1,19 @@
 """``chinese-vicuna generate``: one prompt or a file of prompts through base model + adapters.
 
-Also the decoding flags and their ``GenArgs``, shared by every command that generates. Only
-argparse is imported at module level: this module is loaded for every ``--help``.
+Also the decoding flags, generated from ``GenArgs`` (``generation/args.py``), and the ``GenArgs``
+they make: shared by every command that generates. Nothing heavy is imported at module level: this
+module is loaded for every ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, field_docs
+from .args import GenArgs, flag_fields
 
 
 def register(subparsers, groups) -> None:
@@ -31,36 +34,25 @@ def register(subparsers, groups) -> None:
 
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """The decoding flags shared by ``generate``, ``eval compare``, ``chat`` and ``webui``."""
+    """The decoding flags shared by ``generate``, ``eval compare``, ``chat`` and ``webui``: one per
+    ``GenArgs`` field (``--max-new-tokens`` for ``max_new_tokens``), its default and help from the field."""
+    docs = field_docs(GenArgs)
+    hints = typing.get_type_hints(GenArgs)
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy / beam search)")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--repetition-penalty", type=float, default=1.1)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    for f in flag_fields():
+        flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name, "").replace("``", "")
+        if hints[f.name] is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            g.add_argument(flag, action=action, default=f.default, help=doc)
+            continue
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        default = "" if f.default is None else f" (default {f.default})"
+        g.add_argument(flag, type=kind, default=f.default, help=doc + default)
 
 
-def gen_args(args: argparse.Namespace):
-    """The ``GenArgs`` of the decoding flags."""
-    from .decode import GenArgs
-
-    return GenArgs(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        seed=args.seed,
-    )
+def gen_args(args: argparse.Namespace) -> GenArgs:
+    """The ``GenArgs`` of the decoding flags (every flag field, none dropped)."""
+    return GenArgs(**{f.name: getattr(args, f.name) for f in flag_fields()})
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:

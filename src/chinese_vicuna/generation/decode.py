@@ -21,34 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.formats import Conversation, Message
+from .args import GenArgs
 from .stream import REPLACEMENT, IncrementalDecoder, StopFilter
-
-
-@dataclass
-class GenArgs:
-    max_new_tokens: int = 128
-    """Upper bound on generated tokens per reply."""
-    min_new_tokens: int = 0
-    """EOS is suppressed before this many tokens."""
-    do_sample: bool = False
-    """Sample (with beams: beam sampling) instead of greedy / beam search."""
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    num_beams: int = 1
-    repetition_penalty: float = 1.1
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
-    """Beam scores are divided by length**length_penalty."""
-    early_stopping: bool = False
-    """Beam search: stop once ``num_beams`` hypotheses have ended (else: once none can be beaten)."""
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None
-    """Added to the logits of these token ids before sampling (OpenAI's ``logit_bias``)."""
-    logprobs: int | None = None
-    """Record each chosen token's log-probability and this many top alternatives (None: off)."""
-    constraint: object | None = None
-    """A ``constrain.Constraint`` the reply must match (grammar-masked decoding)."""
 
 
 PREFILL_CHUNK = 512
