@@ -30,8 +30,9 @@ def register(subparsers, groups) -> None:
 
 def cmd_board(args: argparse.Namespace, extra: list[str]) -> int:
     from ...model.load import cache_dir
-    from .app import Board, launch
+    from .app import Board
     from .paths import PathGuard
+    from .ui import launch
 
     auth = parse_auth(args.auth)
     if not is_loopback(args.host) and auth is None:
