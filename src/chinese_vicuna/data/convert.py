@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 

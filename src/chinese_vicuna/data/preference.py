@@ -26,7 +26,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .datasets import DataError, Source, read_sources, report_rejects, split
-from .formats import Conversation, Message, RecordError, alpaca_messages, nonempty, role_messages, string_field
+from .formats import (
+    Conversation,
+    Message,
+    RecordError,
+    alpaca_messages,
+    nonempty,
+    role_messages,
+    string_field,
+)
 from .tokenize import Renderer, Sample
 
 PREF_FORMATS = ("trl", "alpaca", "sharegpt", "hh-rlhf", "kto")

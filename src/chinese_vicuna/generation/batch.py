@@ -31,14 +31,14 @@ from .decode import (
     GenArgs,
     Step,
     TokenLogprob,
-    logit_bias_tensor,
     forward_last,
-    seeded_generator,
     grammar_matchers,
+    logit_bias_tensor,
+    penalty_processors,
+    seeded_generator,
     temperature_warpers,
     token_logprob,
     truncation_warpers,
-    penalty_processors,
 )
 
 PREFILL_CHUNK = 512

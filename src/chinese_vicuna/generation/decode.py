@@ -24,7 +24,6 @@ from ..data.formats import Conversation, Message
 from .args import GenArgs
 from .stream import REPLACEMENT, IncrementalDecoder, StopFilter
 
-
 PREFILL_CHUNK = 512
 """Prompts are fed in chunks of this many tokens, so a cancelled request stops within one chunk."""
 

@@ -49,7 +49,7 @@ def quantize_model(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ..model.load import ModelLoadError, explain_load_error, default_dtype
+    from ..model.load import ModelLoadError, default_dtype, explain_load_error
 
     if bits not in (4, 8):
         raise ConfigError(f"--bits: expected 4 or 8, got {bits}")
