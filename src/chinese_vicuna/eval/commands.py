@@ -105,9 +105,10 @@ def cmd_ppl(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..data.datasets import read_prompts
     from . import compare as cmp
 
-    prompts = cmp.read_prompts(args.input, args.limit)
+    prompts = read_prompts(args.input, args.limit)
     refs = cmp.read_references(args.reference, prompts) if args.reference else None
     columns = cmp.compare(prompts, args.adapter or [], args.model, gen_args(args), args.template)
     cmp.print_side_by_side(prompts, columns)
