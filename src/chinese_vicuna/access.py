@@ -1,5 +1,5 @@
 """Who can reach what we serve: the loopback check and ``--auth USER:PASS``, shared by ``serve``,
-``webui`` and ``board`` (standard library only: loaded for every ``--help``)."""
+``webui`` and ``board`` (kept light: loaded for every ``--help``)."""
 
 from __future__ import annotations
 
