@@ -75,8 +75,9 @@ def run(out_json: str | None = str(ROOT / "benchmarks" / "results" / "infer.json
     from transformers import AutoModelForCausalLM
 
     from chinese_vicuna.generation.decode import GenArgs
+    from chinese_vicuna.generation.llamacpp import LlamaCppBackend
     from chinese_vicuna.model.load import load_tokenizer, resolve_base_model
-    from chinese_vicuna.tools.gguf import LlamaCppBackend, export_gguf
+    from chinese_vicuna.tools.gguf import export_gguf
 
     base = resolve_base_model(None)
     tok = load_tokenizer(base)

@@ -92,3 +92,39 @@ def test_data_inspect(tmp_path):
     bad.write_text('[{"input": ["a"], "output": ["b", "c"]}]')
     p = cli("data", "inspect", bad, check=False)
     assert p.returncode == 2 and f"{bad}:1: input/output: expected lists of equal length" in p.stderr
+
+
+def test_every_decoding_setting_is_a_flag_that_reaches_genargs(tiny_model_dir):
+    """Each GenArgs field but the per-request ones is a flag of every generating command, and a value
+    given on the command line arrives in the GenArgs used (chat: through ChatSession.set)."""
+    import dataclasses
+
+    from chinese_vicuna.chat.commands import make_session
+    from chinese_vicuna.cli import build_parser
+    from chinese_vicuna.generation.args import REQUEST_ONLY, GenArgs
+    from chinese_vicuna.generation.commands import gen_args
+    from chinese_vicuna.generation.engine import Engine
+
+    fields = [f for f in dataclasses.fields(GenArgs) if f.name not in REQUEST_ONLY]
+    assert {"length_penalty", "early_stopping"} <= {f.name for f in fields}
+    argv, want = [], {}
+    for f in fields:  # a valid value other than the default for each
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            argv.append(flag)
+            want[f.name] = not f.default
+        elif f.default is None:
+            argv += [flag, "7"]
+            want[f.name] = 7
+        else:
+            value = f.default + 1 if isinstance(f.default, int) else f.default / 2
+            argv += [flag, str(value)]
+            want[f.name] = value
+    want = GenArgs(**want)
+    assert want != GenArgs()
+    parser = build_parser()
+    for cmd in (["generate"], ["chat"], ["webui"], ["eval", "compare", "--input", "p.jsonl"]):
+        assert gen_args(parser.parse_args(cmd + argv)) == want, cmd
+        assert gen_args(parser.parse_args(cmd)) == GenArgs(), cmd
+    session = make_session(parser.parse_args(["chat", *argv]), engine=Engine.load(str(tiny_model_dir)))
+    assert session.gen == want

@@ -230,7 +230,8 @@ class TrainConfig:
         os.replace(tmp, path)
 
 
-def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every config key -> (its group: model, lora, data, train or pref; its dataclass field, type resolved)."""
     groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "pref": PrefArgs}
     table: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in groups.items():
@@ -289,7 +290,7 @@ def _unknown(key: str, known: typing.Iterable[str]) -> ConfigError:
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """Turn ``--key value``/``--key=value``/``--flag`` into raw values; list keys may repeat."""
-    table = _fields()
+    table = config_fields()
     raw: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -332,7 +333,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Raises:
         ConfigError: unknown key, wrong type, unreadable YAML.
     """
-    table = _fields()
+    table = config_fields()
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -394,8 +395,6 @@ def validate(cfg: TrainConfig) -> None:
     if t.gradient_checkpointing not in ("auto", "true", "false"):
         raise ConfigError(f"gradient_checkpointing: expected auto, true or false, got {t.gradient_checkpointing!r}")
     if cfg.model.rope_scaling is not None:
-        from .model.load import parse_rope_scaling
-
         parse_rope_scaling(cfg.model.rope_scaling)
     if lo.lora_init in ("pissa", "olora", "loftq") and cfg.model.quantization != "none":
         raise ConfigError(f"lora_init: {lo.lora_init} initialises from the full-precision base weights; "
@@ -404,19 +403,46 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("new_data needs resume: it continues a run's optimizer on new data")
 
 
-def field_help() -> list[tuple[str, str, str]]:
-    """(key, default, docstring) for every config key, for --help and the README."""
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+
+
+def parse_rope_scaling(spec: str) -> tuple[str, float]:
+    """``"linear:2"`` -> ``("linear", 2.0)``; the types are transformers' names (``dynamic`` = NTK-aware).
+
+    Raises:
+        ConfigError: not ``TYPE:FACTOR`` with a known type and a factor > 1.
+    """
+    kind, _, factor = str(spec).partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if kind not in ROPE_TYPES or value <= 1.0:
+        raise ConfigError(
+            f"rope_scaling: expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and FACTOR > 1 "
+            f"(e.g. linear:2), got {spec!r}"
+        )
+    return kind, value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal that follows it), by name."""
     import ast
     import inspect
 
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every config key, for --help and the README."""
     rows = []
     for cls in CONFIG_CLASSES:
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        docs: dict[str, str] = {}
-        for node, nxt in zip(body, body[1:] + [None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                docs[node.target.id] = nxt.value.value  # type: ignore[attr-defined]
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((f.name, repr(default), docs.get(f.name, "")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -14,7 +13,6 @@ import pytest
 import torch
 from helpers import ROOT
 
-from chinese_vicuna.chat.commands import DECODING_DEFAULTS
 from chinese_vicuna.chat.repl import CONTINUE, PROMPT, Repl, read_message
 from chinese_vicuna.chat.session import ChatSession
 from chinese_vicuna.cli import main
@@ -75,8 +73,10 @@ def test_read_message_joins_continued_lines_and_blocks():
 
 
 def test_flag_defaults_match_genargs_and_unwired_backend_is_a_clear_error(capsys):
-    defaults = dataclasses.asdict(GenArgs())
-    assert all(defaults[k] == v for k, v in DECODING_DEFAULTS.items())
+    from chinese_vicuna.cli import build_parser
+    from chinese_vicuna.generation.commands import gen_args
+
+    assert gen_args(build_parser().parse_args(["chat"])) == GenArgs()
     assert main(["chat", "--backend", "llama.cpp"]) == 2
     assert "error: --backend llama.cpp" in capsys.readouterr().err
 

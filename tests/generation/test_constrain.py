@@ -112,8 +112,8 @@ def test_chunked_prefill_equals_whole_and_cancels(tiny_model, tokenizer, monkeyp
     chunked = deque(iter_steps(tiny_model, prompt, GenArgs(max_new_tokens=8, repetition_penalty=1.0), [2], 0), maxlen=1)[0]
     assert chunked.committed == whole.committed
     forwards = []
-    real = decode._forward
-    monkeypatch.setattr(decode, "_forward", lambda *a: forwards.append(1) or real(*a))
+    real = decode.forward_last
+    monkeypatch.setattr(decode, "forward_last", lambda *a: forwards.append(1) or real(*a))
     s = TextStream(tiny_model, tokenizer, prompt, GenArgs(max_new_tokens=8), cancel=lambda: True)
     assert s.run() == "" and s.finish_reason == "cancelled"
     assert len(forwards) == 1  # a client that left stops the prefill after one chunk of 9

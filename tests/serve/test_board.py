@@ -17,7 +17,7 @@ import httpx
 import pytest
 from helpers import ROOT
 
-from chinese_vicuna.config import _fields, load_config
+from chinese_vicuna.config import config_fields, load_config
 from chinese_vicuna.serve.board.app import Board
 from chinese_vicuna.serve.board.form import command_line, field_specs, preset_values, to_argv
 from chinese_vicuna.serve.board.paths import PathGuard, PathRefused
@@ -71,7 +71,7 @@ def test_data_roots_are_read_only(guard, tmp_path):
 # -- the form ----------------------------------------------------------------------------------
 def test_the_form_has_every_config_key_and_its_command_line_is_the_preset():
     specs = field_specs()
-    assert [s.key for s in specs] == list(_fields())  # keys added to config.py appear with no change here
+    assert [s.key for s in specs] == list(config_fields())  # keys added to config.py appear with no change here
     by_key = {s.key: s for s in specs}
     assert by_key["quantization"].kind == "choice" and by_key["quantization"].choices == ("none", "4bit", "8bit")
     assert by_key["lora_r"].kind == "int" and by_key["lora_r"].doc == "LoRA rank."

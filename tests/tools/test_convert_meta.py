@@ -159,7 +159,8 @@ def test_converted_model_exports_to_gguf_with_sentencepiece_vocab(tmp_path, meta
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chinese_vicuna.generation.decode import GenArgs
-    from chinese_vicuna.tools.gguf import LlamaCppBackend, export_gguf
+    from chinese_vicuna.generation.llamacpp import LlamaCppBackend
+    from chinese_vicuna.tools.gguf import export_gguf
 
     hf = meta_to_hf(meta_dir[0], tmp_path / "hf")
     path = export_gguf(str(hf), tmp_path / "m.gguf", gguf_type="f32")

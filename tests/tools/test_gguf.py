@@ -14,7 +14,8 @@ from helpers import run_cli as cli
 
 from chinese_vicuna.config import ConfigError
 from chinese_vicuna.generation.decode import GenArgs
-from chinese_vicuna.tools.gguf import LlamaCppBackend, export_gguf, gguf_perplexity
+from chinese_vicuna.generation.llamacpp import LlamaCppBackend, gguf_perplexity
+from chinese_vicuna.tools.gguf import export_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "### Instruction:\n天空为什么是蓝色的？请用中文回答。\n\n### Response:\n"

@@ -1,28 +1,17 @@
 """``chinese-vicuna chat`` (terminal) and ``chinese-vicuna webui`` (Gradio): flags and entry points.
 
-Only argparse is imported at module level: this module is loaded for every ``--help``.
+Nothing heavy is imported at module level: this module is loaded for every ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 
+from ..access import is_loopback, parse_auth
 from ..config import ConfigError
-
-# Same defaults as generation.decode.GenArgs (a test checks they agree); importing GenArgs here
-# would pull torch into every `--help`.
-DECODING_DEFAULTS = {
-    "max_new_tokens": 128,
-    "min_new_tokens": 0,
-    "temperature": 0.7,
-    "top_p": 0.9,
-    "top_k": 40,
-    "num_beams": 1,
-    "repetition_penalty": 1.1,
-    "no_repeat_ngram_size": 0,
-}
+from ..generation.args import flag_fields
+from ..generation.commands import add_decoding_flags
 
 
 def register(subparsers, groups) -> None:
@@ -60,18 +49,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
     p.add_argument("--backend", default="hf", choices=["hf", "llama.cpp"],
                    help="hf: transformers + peft; llama.cpp: a GGUF model via llama-cpp-python")
-    g = p.add_argument_group("decoding")
-    d = DECODING_DEFAULTS
-    g.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
-    g.add_argument("--min-new-tokens", type=int, default=d["min_new_tokens"])
-    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy / beam search)")
-    g.add_argument("--temperature", type=float, default=d["temperature"])
-    g.add_argument("--top-p", type=float, default=d["top_p"])
-    g.add_argument("--top-k", type=int, default=d["top_k"])
-    g.add_argument("--num-beams", type=int, default=d["num_beams"])
-    g.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
-    g.add_argument("--no-repeat-ngram-size", type=int, default=d["no_repeat_ngram_size"])
-    g.add_argument("--seed", type=int, default=None)
+    add_decoding_flags(p)
 
 
 def load_engine(args: argparse.Namespace):
@@ -86,8 +64,8 @@ def make_session(args: argparse.Namespace, engine=None):
     from .session import ChatError, ChatSession
 
     session = ChatSession(engine if engine is not None else load_engine(args), system=args.system)
-    values = {k: getattr(args, k) for k in DECODING_DEFAULTS}
-    values.update(do_sample=args.do_sample, seed=args.seed, max_memory=args.max_memory)
+    values = {f.name: getattr(args, f.name) for f in flag_fields()}
+    values["max_memory"] = args.max_memory
     try:
         for key, value in values.items():
             session.set(key, value)
@@ -110,27 +88,11 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     return run(session, _title(session))
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ConfigError("--auth: expected USER:PASS")
-    return user, password
-
-
 def cmd_webui(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..serve.webui import launch
+    from .webui import launch
 
     auth = parse_auth(args.auth)
-    if not _is_loopback(args.host) and auth is None:
+    if not is_loopback(args.host) and auth is None:
         print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it",
               file=sys.stderr)
     session = make_session(args)  # checks the flags and loads the model once

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .convert import collect_records, text_field
-from .datasets import DataError, _json_array, _read_text
+from .datasets import DataError, collect_records, json_array, read_text, text_field
 
 CAIL_PROMPT = "根据下面的案件事实，给出罪名、相关法条和刑期。"
 
@@ -37,7 +36,7 @@ def _cail_items(path: str) -> Iterator[tuple[str, Any]]:
     with open(p, "rb") as f:
         head = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
     if head.startswith("["):
-        yield from _json_array(p, _read_text(p))
+        yield from json_array(p, read_text(p))
         return
     seen = False
     with open(p, "rb") as f:

@@ -17,17 +17,15 @@ Every output record is ``{"instruction": PROMPT, "input": ..., "output": ...}``,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .datasets import DataError, iter_records
+from .datasets import DataError, collect_records, iter_records, text_field
 
 MEDICAL_PROMPT = "扮演一个专业的医生并回答病人的问题。"
 LEGAL_PROMPT = "扮演一个专业的律师并回答当事人的问题。"
@@ -142,35 +140,6 @@ def cmedqa_paper_records(
     return records, stats
 
 
-def text_field(where: str, record: dict, key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        got = "an empty string" if isinstance(value, str) else type(value).__name__
-        raise DataError(f"{where}: {key}: expected a non-empty string, got {got}")
-    return value.strip()
-
-
-def collect_records(
-    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, path: str,
-    skipped: list[str] | None,
-) -> list[dict]:
-    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors appended
-    to ``skipped``. A source that yields no record at all is an error."""
-    records, bad = [], []
-    for where, r in tqdm(items, desc=Path(path).name, unit=" records", leave=False):
-        try:
-            records.append(convert(where, r))
-        except DataError as e:
-            if on_bad_record != "skip":
-                raise
-            bad.append(str(e))
-    if skipped is not None:
-        skipped.extend(bad)
-    if not records:
-        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
-    return records
-
-
 def _lawyer_record(where: str, r: Any) -> dict:
     if not isinstance(r, dict):
         raise DataError(f"{where}: record: expected a JSON object, got {type(r).__name__}")
@@ -221,29 +190,6 @@ def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, p)
 
 
-def cmd_cmedqa(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.style == "paper":
-        records, stats = cmedqa_paper_records(args.questions, args.answers, args.answers_per_question or 0)
-        merged = f", {stats['merged']} repeated questions merged"
-    else:
-        per_question = 1 if args.answers_per_question is None else args.answers_per_question
-        records, stats = cmedqa_records(args.questions, args.answers, per_question)
-        merged = ""
-    write_jsonl(args.out, records)
-    print(
-        f"{stats['records']} records from {stats['questions']} questions and {stats['answers']} answers "
-        f"({stats['unanswered']} questions without an answer skipped{merged}) written to {args.out}"
-    )
-    return 0
-
-
-def _report(records: list[dict], skipped: list[str], out: str) -> None:
-    for message in skipped[:5]:
-        print(f"skipped: {message}")
-    more = f" ({len(skipped)} bad records skipped)" if skipped else ""
-    print(f"{len(records)} records written to {out}{more}")
-
-
 def as_chat(record: dict) -> dict:
     """An instruction record as a one-turn Chinese-Vicuna chat record ``{"input": [q], "output": [a]}``.
 
@@ -252,93 +198,3 @@ def as_chat(record: dict) -> dict:
     """
     user = record["input"] if record["instruction"] == LEGAL_PROMPT else f"{record['instruction']}\n{record['input']}"
     return {"input": [user], "output": [record["output"]]}
-
-
-def _convert_legal(args: argparse.Namespace, read: Callable[..., list[dict]]) -> int:
-    """``lawyer`` / ``cail``: read (skipping bad records if asked), write alpaca or chat records, report."""
-    skipped: list[str] = []
-    records = read(args.input, args.on_bad_record, skipped)
-    write_jsonl(args.out, [as_chat(r) for r in records] if args.format == "chat" else records)
-    _report(records, skipped, args.out)
-    return 0
-
-
-def cmd_lawyer(args: argparse.Namespace, extra: list[str]) -> int:
-    return _convert_legal(args, lawyer_records)
-
-
-def cmd_cail(args: argparse.Namespace, extra: list[str]) -> int:
-    from .cail import cail_records  # (data/cail.py builds on this module's record helpers)
-
-    return _convert_legal(args, cail_records)
-
-
-def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--format",
-        choices=("alpaca", "chat"),
-        default="alpaca",
-        help="alpaca: {instruction, input, output} (default); chat: Chinese-Vicuna chat records "
-        "{input: [question], output: [answer]} for the vicuna-chat template",
-    )
-    p.add_argument(
-        "--on-bad-record",
-        "--on_bad_record",
-        dest="on_bad_record",
-        choices=("error", "skip"),
-        default="error",
-        help="error: stop at the first bad record (default); skip: leave bad records out and count them",
-    )
-
-
-def register(subparsers, groups) -> None:
-    """Add ``data convert cmedqa``, ``data convert lawyer`` and ``data convert cail``."""
-    from .cail import CAIL_PROMPT
-
-    p = groups["data"].add_parser(
-        "convert", help="domain corpora (cMedQA2, Lawyer-LLaMA, CAIL2018) -> instruction JSONL"
-    )
-    csub = p.add_subparsers(dest="convert_command", metavar="FORMAT", required=True)
-    q = csub.add_parser("cmedqa", help=f"cMedQA2 CSVs -> medical records (instruction: {MEDICAL_PROMPT})")
-    q.add_argument("--questions", required=True, help="question.csv: question_id,content")
-    q.add_argument("--answers", required=True, help="answer.csv: ans_id,question_id,content")
-    q.add_argument("--out", required=True, help="output JSONL")
-    q.add_argument(
-        "--style",
-        choices=("separate", "paper"),
-        default="separate",
-        help="separate: one record per answer, input = the question (default); paper: one record per "
-        f"question as the Chinese-Vicuna paper trained, input = '{PATIENT_PREFIX}' + question, output = "
-        "all doctors' answers numbered '1.…\\n2.…\\n', repeated questions merged",
-    )
-    q.add_argument(
-        "--answers-per-question",
-        type=int,
-        default=None,
-        help="separate: records per question, one per answer (default 1; 0: all); "
-        "paper: answers merged into each reply (default 0: all)",
-    )
-    q.set_defaults(func=cmd_cmedqa)
-    q = csub.add_parser("lawyer", help=f"Lawyer-LLaMA JSON(L) -> legal records (instruction: {LEGAL_PROMPT})")
-    q.add_argument(
-        "--input",
-        required=True,
-        help="JSON array or JSONL with question/answer, input/output or instruction/output",
-    )
-    q.add_argument("--out", required=True, help="output JSONL")
-    _output_options(q)
-    q.set_defaults(func=cmd_lawyer)
-    q = csub.add_parser(
-        "cail",
-        help=f"raw CAIL2018 cases -> legal records (instruction: {CAIL_PROMPT})",
-        description="Each case becomes {instruction, input: fact, output}; the output reads "
-        "'罪名：盗窃罪。相关法条：第264条。刑期：6个月。' (+ '罚金：N元。' when fined).",
-    )
-    q.add_argument(
-        "--input",
-        required=True,
-        help="a CAIL2018 file (one JSON case per line, as CAIL ships its .json files) or a folder of them",
-    )
-    q.add_argument("--out", required=True, help="output JSONL")
-    _output_options(q)
-    q.set_defaults(func=cmd_cail)

@@ -43,7 +43,8 @@ def parse_source(spec: str | dict, default_format: str = "auto") -> Source:
     return Source(spec, 1.0, default_format)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); a ``DataError`` naming the line of a bad byte."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -52,7 +53,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); expected UTF-8 text") from None
 
 
-def _json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+def json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Iterate a JSON array element by element, tracking each element's line number.
 
     A JSON object with a ``data`` list (a common export shape) is accepted too.
@@ -121,7 +122,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
         for i, r in enumerate(pq.read_table(p).to_pylist()):
             yield f"{p}:row {i + 1}", r
         return
-    text = _read_text(p)
+    text = read_text(p)
     if not text.strip():
         raise DataError(f"{p}:1: empty file; expected records")
     if p.suffix == ".txt":
@@ -132,7 +133,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             line += block.count("\n")
         return
     if p.suffix == ".json" or text.lstrip().startswith("["):
-        yield from _json_array(p, text)
+        yield from json_array(p, text)
         return
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
@@ -141,6 +142,49 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{p}:{n}", json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{n}: invalid JSON (column {e.colno}): {e.msg}") from None
+
+
+def text_field(where: str, record: dict, key: str) -> str:
+    """``record[key]`` stripped; a ``DataError`` unless it is a non-empty string."""
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        got = "an empty string" if isinstance(value, str) else type(value).__name__
+        raise DataError(f"{where}: {key}: expected a non-empty string, got {got}")
+    return value.strip()
+
+
+def collect_records(
+    items: Iterator[tuple[str, Any]], convert: Callable[[str, Any], dict], on_bad_record: str, path: str,
+    skipped: list[str] | None,
+) -> list[dict]:
+    """Convert every record; with ``on_bad_record="skip"`` bad ones are left out and their errors appended
+    to ``skipped``. A source that yields no record at all is an error."""
+    records, bad = [], []
+    for where, r in tqdm(items, desc=Path(path).name, unit=" records", leave=False):
+        try:
+            records.append(convert(where, r))
+        except DataError as e:
+            if on_bad_record != "skip":
+                raise
+            bad.append(str(e))
+    if skipped is not None:
+        skipped.extend(bad)
+    if not records:
+        raise DataError(f"{path}: no records found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
+    return records
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(instruction, input) pairs from a JSONL/JSON file of ``{"instruction", "input"?}`` records."""
+    prompts = []
+    for where, r in iter_records(path):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise DataError(f"{where}: instruction: expected a string")
+        ctx = r.get("input") or ""
+        if not isinstance(ctx, str):
+            raise DataError(f"{where}: input: expected a string")
+        prompts.append((r["instruction"], ctx))
+    return prompts[:limit] if limit else prompts
 
 
 def _hub_records(name: str) -> Iterator[tuple[str, Any]]:

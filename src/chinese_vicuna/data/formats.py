@@ -73,7 +73,8 @@ def detect_format(record: Any, where: str) -> str:
     )
 
 
-def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
+def string_field(record: dict, key: str, where: str, optional: bool = False) -> str:
+    """``record[key]`` as a string (``""`` when optional and missing); a ``RecordError`` otherwise."""
     if key not in record or record[key] is None:
         if optional:
             return ""
@@ -84,16 +85,18 @@ def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
     return value
 
 
-def _nonempty(value: str, where: str, key: str) -> str:
+def nonempty(value: str, where: str, key: str) -> str:
+    """``value`` unchanged, or a ``RecordError`` if it is blank."""
     if not value.strip():
         raise RecordError(where, key, "expected non-empty text")
     return value
 
 
-def _alpaca(r: dict, where: str) -> list[Message]:
-    instruction = _nonempty(_string(r, "instruction", where), where, "instruction")
-    context = _string(r, "input", where, optional=True)
-    output = _nonempty(_string(r, "output", where), where, "output")
+def alpaca_messages(r: dict, where: str) -> list[Message]:
+    """An alpaca record (instruction, input?, output) as user + assistant messages."""
+    instruction = nonempty(string_field(r, "instruction", where), where, "instruction")
+    context = string_field(r, "input", where, optional=True)
+    output = nonempty(string_field(r, "output", where), where, "output")
     msgs = []
     if isinstance(r.get("system"), str) and r["system"].strip():
         msgs.append(Message("system", r["system"]))
@@ -126,7 +129,8 @@ def _vicuna_chat(r: dict, where: str) -> list[Message]:
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def _role_list(items: Any, where: str, key: str, role_key: str, text_key: str, roles: dict) -> list[Message]:
+def role_messages(items: Any, where: str, key: str, role_key: str, text_key: str, roles: dict) -> list[Message]:
+    """A list of ``{role_key, text_key}`` dicts (ShareGPT / OpenAI) as messages, roles mapped by ``roles``."""
     if not isinstance(items, list) or not items:
         raise RecordError(where, key, "expected a non-empty list of messages")
     msgs = []
@@ -169,16 +173,16 @@ def to_conversation(record: Any, fmt: str, where: str) -> Conversation:
     if not isinstance(record, dict):
         raise RecordError(where, "record", f"expected a JSON object, got {type(record).__name__}")
     if fmt == "alpaca":
-        msgs = _alpaca(record, where)
+        msgs = alpaca_messages(record, where)
     elif fmt == "vicuna-chat":
         msgs = _vicuna_chat(record, where)
     elif fmt == "sharegpt":
-        msgs = _role_list(record.get("conversations"), where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        msgs = role_messages(record.get("conversations"), where, "conversations", "from", "value", _SHAREGPT_ROLES)
     elif fmt == "openai":
         roles = {"system": "system", "user": "user", "assistant": "assistant"}
-        msgs = _role_list(record.get("messages"), where, "messages", "role", "content", roles)
+        msgs = role_messages(record.get("messages"), where, "messages", "role", "content", roles)
     elif fmt == "text":
-        msgs = [Message("text", _nonempty(_string(record, "text", where), where, "text"))]
+        msgs = [Message("text", nonempty(string_field(record, "text", where), where, "text"))]
     else:
         raise RecordError(where, "format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
     return Conversation(msgs, source=where)

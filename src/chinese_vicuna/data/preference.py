@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 
 from ..stages import get_stage
 from .datasets import DataError, Source, read_sources, report_rejects, split
-from .formats import Conversation, Message, RecordError, _alpaca, _nonempty, _role_list, _string
+from .formats import (
+    Conversation,
+    Message,
+    RecordError,
+    alpaca_messages,
+    nonempty,
+    role_messages,
+    string_field,
+)
 from .tokenize import Renderer, Sample
 
 PREF_FORMATS = ("trl", "alpaca", "sharegpt", "hh-rlhf", "kto")
@@ -115,7 +123,7 @@ def detect_preference_format(record: Any, where: str) -> str:
 def _prompt_messages(value: Any, where: str, key: str) -> list[Message]:
     """A prompt: a string (the user's message) or a message list ending with the user."""
     if isinstance(value, str):
-        return [Message("user", _nonempty(value, where, key))]
+        return [Message("user", nonempty(value, where, key))]
     if not isinstance(value, list) or not value:
         raise RecordError(where, key, "expected a string or a non-empty list of messages")
     msgs = _messages(value, where, key)
@@ -154,14 +162,14 @@ def _alternating(turns: list[Message], where: str, key: str) -> None:
 def _reply(value: Any, where: str, key: str) -> str:
     """A reply: a string, or a message list whose last message is the assistant's reply."""
     if isinstance(value, str):
-        return _nonempty(value, where, key)
+        return nonempty(value, where, key)
     if isinstance(value, list) and value:
         msgs = _messages(value, where, key)
         if msgs[-1].role != "assistant":
             raise RecordError(where, key, "expected the reply to end with an assistant message")
         if len(msgs) > 1:
             raise RecordError(where, key, "expected one assistant message when a prompt is given")
-        return _nonempty(msgs[-1].content, where, f"{key}[0].content")
+        return nonempty(msgs[-1].content, where, f"{key}[0].content")
     raise RecordError(where, key, "expected a string or a list with one assistant message")
 
 
@@ -181,7 +189,7 @@ def _implicit(record: dict, where: str) -> Preference:
     c, r = convs["chosen"], convs["rejected"]
     if [(m.role, m.content) for m in c[:-1]] != [(m.role, m.content) for m in r[:-1]]:
         raise RecordError(where, "chosen/rejected", "expected the same prompt (all messages before the last reply)")
-    return Preference(c[:-1], _nonempty(c[-1].content, where, "chosen"), _nonempty(r[-1].content, where, "rejected"), where)
+    return Preference(c[:-1], nonempty(c[-1].content, where, "chosen"), nonempty(r[-1].content, where, "rejected"), where)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -203,11 +211,11 @@ def _hh_turns(text: str, where: str, key: str) -> list[Message]:
 
 
 def _hh(record: dict, where: str) -> Preference:
-    c = _hh_turns(_string(record, "chosen", where), where, "chosen")
-    r = _hh_turns(_string(record, "rejected", where), where, "rejected")
+    c = _hh_turns(string_field(record, "chosen", where), where, "chosen")
+    r = _hh_turns(string_field(record, "rejected", where), where, "rejected")
     if [(m.role, m.content) for m in c[:-1]] != [(m.role, m.content) for m in r[:-1]]:
         raise RecordError(where, "chosen/rejected", "expected the same dialogue before the last '\\n\\nAssistant: '")
-    return Preference(c[:-1], _nonempty(c[-1].content, where, "chosen"), _nonempty(r[-1].content, where, "rejected"), where)
+    return Preference(c[:-1], nonempty(c[-1].content, where, "chosen"), nonempty(r[-1].content, where, "rejected"), where)
 
 
 def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Unpaired:
@@ -224,8 +232,8 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
         return Unpaired(prompt, _reply(record.get("completion"), where, "completion"), label, where)
     if fmt == "alpaca":
         r = dict(record)
-        r["output"] = "-"  # _alpaca's reply slot; the replies are chosen/rejected
-        prompt = _alpaca(r, where)[:-1]
+        r["output"] = "-"  # alpaca_messages's reply slot; the replies are chosen/rejected
+        prompt = alpaca_messages(r, where)[:-1]
         return Preference(prompt, _reply(record.get("chosen"), where, "chosen"), _reply(record.get("rejected"), where, "rejected"), where)
     if fmt == "sharegpt":
         msgs = []
@@ -234,8 +242,8 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
         conv = record.get("conversations")
         if not isinstance(conv, list) or not conv:
             raise RecordError(where, "conversations", "expected a non-empty list of messages")
-        # _role_list wants a conversation ending with the assistant: validate with a stand-in reply.
-        full = _role_list(conv + [{"from": "gpt", "value": "-"}], where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        # role_messages wants a conversation ending with the assistant: validate with a stand-in reply.
+        full = role_messages(conv + [{"from": "gpt", "value": "-"}], where, "conversations", "from", "value", _SHAREGPT_ROLES)
         msgs += full[:-1]
         replies = []
         for key in ("chosen", "rejected"):
@@ -246,9 +254,9 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
                 text = v.get("value")
                 if not isinstance(text, str):
                     raise RecordError(where, f"{key}.value", f"expected a string, got {type(text).__name__}")
-                replies.append(_nonempty(text, where, f"{key}.value"))
+                replies.append(nonempty(text, where, f"{key}.value"))
             elif isinstance(v, str):
-                replies.append(_nonempty(v, where, key))
+                replies.append(nonempty(v, where, key))
             else:
                 raise RecordError(where, key, 'expected {"from": "gpt", "value": "..."}')
         return Preference(msgs, replies[0], replies[1], where)

@@ -1,7 +1,7 @@
-"""``chinese-vicuna eval ceval | cmmlu | ppl | compare-results``: parsers and the functions they run.
+"""``chinese-vicuna eval compare | ceval | cmmlu | ppl | compare-results``: parsers and the functions they run.
 
-``eval compare`` (generations side by side) shares the decoding flags of ``generate`` and lives
-with it in ``cli.py``; its work is in :mod:`chinese_vicuna.eval.compare`.
+``eval compare`` (generations side by side) shares the decoding flags of ``generate``
+(``generation/commands.py``); its work is in :mod:`chinese_vicuna.eval.compare`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError
+from ..generation.commands import add_decoding_flags, gen_args
 
 
 def _template(args: argparse.Namespace, meta: dict, tokenizer):
@@ -103,6 +104,23 @@ def cmd_ppl(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_eval_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..data.datasets import read_prompts
+    from . import compare as cmp
+
+    prompts = read_prompts(args.input, args.limit)
+    refs = cmp.read_references(args.reference, prompts) if args.reference else None
+    columns = cmp.compare(prompts, args.adapter or [], args.model, gen_args(args), args.template)
+    cmp.print_side_by_side(prompts, columns)
+    scores = cmp.reference_scores(columns, refs) if refs else None
+    if scores:
+        cmp.print_scores(scores)
+    if args.output:
+        cmp.write_results(args.output, prompts, columns, refs, scores)
+        print(f"written to {args.output}")
+    return 0
+
+
 def _benchmark_parser(groups, name: str, help: str, layout: str, splits: list[str], default: str):
     q = groups["eval"].add_parser(name, help=help, description=help)
     q.add_argument("--data", required=True, help=f"benchmark folder: {layout}")
@@ -125,7 +143,19 @@ def _benchmark_parser(groups, name: str, help: str, layout: str, splits: list[st
 
 
 def register(subparsers, groups) -> None:
-    """Add ``eval ceval``, ``eval cmmlu``, ``eval ppl`` and ``eval compare-results``."""
+    """Add ``eval compare``, ``eval ceval``, ``eval cmmlu``, ``eval ppl`` and ``eval compare-results``."""
+    q = groups["eval"].add_parser("compare", help="same prompts through the base model and each adapter, side by side")
+    q.add_argument("--input", required=True, help="JSONL/JSON of {instruction, input?} records")
+    q.add_argument("--adapter", action="append", help="adapter folder, or NAME=DIR; repeatable")
+    q.add_argument("--model", default=None)
+    q.add_argument("--template", default=None)
+    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--output", default=None, help="write a .md table or .json")
+    q.add_argument("--reference", default=None,
+                   help="JSON/JSONL of {instruction, input?, reference|output}: score each column's answers "
+                        "(character F1, ROUGE-L)")  # fmt: skip
+    add_decoding_flags(q)
+    q.set_defaults(func=cmd_eval_compare)
     q = _benchmark_parser(groups, "ceval", "C-Eval multiple-choice accuracy (zero/few-shot)",
                           "{dev,val,test}/<subject>_<split>.csv", ["dev", "val", "test"], "val")  # fmt: skip
     q.add_argument("--submission", default=None,

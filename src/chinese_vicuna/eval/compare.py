@@ -17,19 +17,6 @@ from ..data.datasets import DataError, iter_records
 from ..generation.decode import GenArgs, generate_batch, instruction_conversation
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[tuple[str, str]]:
-    """(instruction, input) pairs from a JSONL/JSON file of ``{"instruction", "input"?}`` records."""
-    prompts = []
-    for where, r in iter_records(path):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise DataError(f"{where}: instruction: expected a string")
-        ctx = r.get("input") or ""
-        if not isinstance(ctx, str):
-            raise DataError(f"{where}: input: expected a string")
-        prompts.append((r["instruction"], ctx))
-    return prompts[:limit] if limit else prompts
-
-
 def read_references(path: str, prompts: list[tuple[str, str]]) -> list[str]:
     """The reference answer of every prompt, matched on ``(instruction, input)``.
 

@@ -31,14 +31,14 @@ from .decode import (
     GenArgs,
     Step,
     TokenLogprob,
-    _bias,
-    _forward,
-    _generator,
-    _matchers,
-    _temperature,
-    _token_logprob,
-    _truncation,
+    forward_last,
+    grammar_matchers,
+    logit_bias_tensor,
     penalty_processors,
+    seeded_generator,
+    temperature_warpers,
+    token_logprob,
+    truncation_warpers,
 )
 
 PREFILL_CHUNK = 512
@@ -50,10 +50,10 @@ class RowSampler:
     def __init__(self, gen: GenArgs, prompt: list[int], eos: list[int], vocab: int, device, tokenizer):
         self.gen, self.eos = gen, eos
         self.penalties = penalty_processors(gen, len(prompt), eos)
-        self.temperature, self.truncation = _temperature(gen), _truncation(gen, eos)
-        self.bias = _bias(gen, vocab, device)
-        self.matcher = (_matchers(tokenizer, gen, eos, vocab, 1) or [None])[0]
-        self.rng = _generator(gen, device)
+        self.temperature, self.truncation = temperature_warpers(gen), truncation_warpers(gen, eos)
+        self.bias = logit_bias_tensor(gen, vocab, device)
+        self.matcher = (grammar_matchers(tokenizer, gen, eos, vocab, 1) or [None])[0]
+        self.rng = seeded_generator(gen, device)
         self.seq = torch.tensor([prompt], dtype=torch.long, device=device)
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
@@ -76,7 +76,7 @@ class RowSampler:
         self.seq = torch.cat([self.seq, self.seq.new_tensor([[tok]])], 1)
         if self.matcher is not None:
             self.matcher.advance(tok)
-        return tok, (_token_logprob(logprobs[0], tok, self.gen.logprobs) if logprobs is not None else None)
+        return tok, (token_logprob(logprobs[0], tok, self.gen.logprobs) if logprobs is not None else None)
 
 
 @dataclass
@@ -168,11 +168,11 @@ class Batcher:
         """The new rows' own cache (left-padded together), mask and last logits; None if all were cancelled."""
         from transformers import DynamicCache
 
-        from .decode import _left_pad
+        from .decode import left_pad
 
         model = self.engine.model
         device = next(model.parameters()).device
-        ids, mask = _left_pad([r.prompt for r in rows], 0, device)
+        ids, mask = left_pad([r.prompt for r in rows], 0, device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         names = self._names(rows)
@@ -181,7 +181,7 @@ class Batcher:
             if all(r.cancelled() for r in rows):
                 return None, None, None
             end = min(start + PREFILL_CHUNK, ids.shape[1])
-            logits = _forward(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache, **names)
+            logits = forward_last(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache, **names)
         return cache, mask, logits
 
     def _admit(self, rows: list[_Row], cache, mask):
@@ -235,7 +235,7 @@ class Batcher:
         ids = torch.tensor([[r.new[-1]] for r in rows], dtype=torch.long, device=device)
         pos = torch.tensor([[len(r.prompt) + len(r.new) - 1] for r in rows], dtype=torch.long, device=device)
         full = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        logits = _forward(self.engine.model, ids, full, pos, cache, **self._names(rows))
+        logits = forward_last(self.engine.model, ids, full, pos, cache, **self._names(rows))
         for i, r in enumerate(rows):
             r.logits = logits[i : i + 1]
 

@@ -21,35 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.formats import Conversation, Message
+from .args import GenArgs
 from .stream import REPLACEMENT, IncrementalDecoder, StopFilter
-
-
-@dataclass
-class GenArgs:
-    max_new_tokens: int = 128
-    """Upper bound on generated tokens per reply."""
-    min_new_tokens: int = 0
-    """EOS is suppressed before this many tokens."""
-    do_sample: bool = False
-    """Sample (with beams: beam sampling) instead of greedy / beam search."""
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    num_beams: int = 1
-    repetition_penalty: float = 1.1
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
-    """Beam scores are divided by length**length_penalty."""
-    early_stopping: bool = False
-    """Beam search: stop once ``num_beams`` hypotheses have ended (else: once none can be beaten)."""
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None
-    """Added to the logits of these token ids before sampling (OpenAI's ``logit_bias``)."""
-    logprobs: int | None = None
-    """Record each chosen token's log-probability and this many top alternatives (None: off)."""
-    constraint: object | None = None
-    """A ``constrain.Constraint`` the reply must match (grammar-masked decoding)."""
-
 
 PREFILL_CHUNK = 512
 """Prompts are fed in chunks of this many tokens, so a cancelled request stops within one chunk."""
@@ -115,18 +88,20 @@ def penalty_processors(gen: GenArgs, prompt_len: int, eos: list[int]):
 
 def _processors(gen: GenArgs, prompt_len: int, eos: list[int]):
     procs = penalty_processors(gen, prompt_len, eos)
-    procs.extend(_temperature(gen))  # same order as transformers: penalties, then warpers
-    procs.extend(_truncation(gen, eos))
+    procs.extend(temperature_warpers(gen))  # same order as transformers: penalties, then warpers
+    procs.extend(truncation_warpers(gen, eos))
     return procs
 
 
-def _temperature(gen: GenArgs) -> list:
+def temperature_warpers(gen: GenArgs) -> list:
+    """transformers' temperature warper when sampling at a temperature other than 1, else none."""
     from transformers import TemperatureLogitsWarper
 
     return [TemperatureLogitsWarper(gen.temperature)] if gen.do_sample and gen.temperature and gen.temperature != 1.0 else []
 
 
-def _truncation(gen: GenArgs, eos: list[int]) -> list:
+def truncation_warpers(gen: GenArgs, eos: list[int]) -> list:
+    """transformers' top-k / top-p warpers when sampling, else none."""
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     if not gen.do_sample:
@@ -142,7 +117,8 @@ def _truncation(gen: GenArgs, eos: list[int]) -> list:
     return procs
 
 
-def _bias(gen: GenArgs, vocab: int, device) -> torch.Tensor | None:
+def logit_bias_tensor(gen: GenArgs, vocab: int, device) -> torch.Tensor | None:
+    """``gen.logit_bias`` as a vocabulary-sized tensor to add to the logits (out-of-range ids dropped)."""
     if not gen.logit_bias:
         return None
     bias = torch.zeros(vocab, device=device)
@@ -157,7 +133,7 @@ def _prefill(model, ids, mask, pos, cache, cancel) -> torch.Tensor | None:
     width = ids.shape[1]
     for start in range(0, width, PREFILL_CHUNK):
         end = min(start + PREFILL_CHUNK, width)
-        logits = _forward(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache)
+        logits = forward_last(model, ids[:, start:end], mask[:, :end], pos[:, start:end], cache)
         if end < width and cancel is not None and cancel():
             return None
     return logits
@@ -172,7 +148,8 @@ def cache_kwarg() -> str:
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-def _forward(model, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+def forward_last(model, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+    """One forward pass through ``cache``; the float logits of the last position of each row."""
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
         **{cache_kwarg(): cache}, **kwargs,
@@ -180,7 +157,8 @@ def _forward(model, ids, mask, pos, cache, **kwargs) -> torch.Tensor:
     return out.logits[:, -1, :].float()
 
 
-def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded id tensor and its attention mask."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -190,7 +168,8 @@ def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _generator(gen: GenArgs, device) -> torch.Generator | None:
+def seeded_generator(gen: GenArgs, device) -> torch.Generator | None:
+    """A torch generator seeded with ``gen.seed`` (``None`` without a seed)."""
     if gen.seed is None:
         return None
     g = torch.Generator(device=device)
@@ -207,17 +186,17 @@ def iter_steps_batch(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad, device)
+    ids, mask = left_pad(prompts, pad, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    penalties, temperature = penalty_processors(gen, ids.shape[1], eos), _temperature(gen)
-    truncation = _truncation(gen, eos)
-    rng = _generator(gen, device)
+    penalties, temperature = penalty_processors(gen, ids.shape[1], eos), temperature_warpers(gen)
+    truncation = truncation_warpers(gen, eos)
+    rng = seeded_generator(gen, device)
     cache = DynamicCache(config=model.config)
     logits = _prefill(model, ids, mask, pos, cache, cancel)
     if logits is None:
         return
-    bias = _bias(gen, logits.shape[-1], device)
-    matchers = _matchers(tokenizer, gen, eos, logits.shape[-1], len(prompts))
+    bias = logit_bias_tensor(gen, logits.shape[-1], device)
+    matchers = grammar_matchers(tokenizer, gen, eos, logits.shape[-1], len(prompts))
     seqs = ids
     new: list[list[int]] = [[] for _ in prompts]
     lps: list[list[TokenLogprob] | None] = [[] if gen.logprobs is not None else None for _ in prompts]
@@ -251,7 +230,7 @@ def iter_steps_batch(
             if matchers:
                 matchers[r].advance(tok)
             if logprobs is not None:
-                lps[r].append(_token_logprob(logprobs[r], tok, gen.logprobs))
+                lps[r].append(token_logprob(logprobs[r], tok, gen.logprobs))
             if tok in eos:
                 st.done, st.finish_reason = True, "stop"
             elif t + 1 == gen.max_new_tokens:
@@ -262,16 +241,17 @@ def iter_steps_batch(
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
-        logits = _forward(model, nxt[:, None], mask, pos, cache)
+        logits = forward_last(model, nxt[:, None], mask, pos, cache)
 
 
-def _token_logprob(row: torch.Tensor, tok: int, k: int) -> TokenLogprob:
+def token_logprob(row: torch.Tensor, tok: int, k: int) -> TokenLogprob:
+    """``tok``'s log-probability in ``row`` and the ``k`` most likely alternatives."""
     top = torch.topk(row, k) if k else None
     pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return TokenLogprob(tok, float(row[tok]), pairs)
 
 
-def _matchers(tok, gen: GenArgs, eos: list[int], vocab: int, rows: int) -> list:
+def grammar_matchers(tok, gen: GenArgs, eos: list[int], vocab: int, rows: int) -> list:
     """One grammar matcher per row when the reply is constrained."""
     if gen.constraint is None:
         return []
@@ -311,12 +291,12 @@ def iter_steps_beam(
     keep = max(2, 1 + len(eos)) * k
     lp = gen.length_penalty
     procs = _processors(gen, plen, eos)
-    rng = _generator(gen, device)
+    rng = seeded_generator(gen, device)
     ids = torch.tensor([prompt] * k, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
     pos = (mask.cumsum(-1) - 1)
     cache = DynamicCache(config=model.config)
-    logits = _forward(model, ids, mask, pos, cache)
+    logits = forward_last(model, ids, mask, pos, cache)
     running = ids
     run_scores = torch.full((k,), -1e9, device=device)
     run_scores[0] = 0.0
@@ -368,7 +348,7 @@ def iter_steps_beam(
             return
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
-        logits = _forward(model, running[:, -1:], mask, pos, cache)
+        logits = forward_last(model, running[:, -1:], mask, pos, cache)
 
 
 def iter_steps(

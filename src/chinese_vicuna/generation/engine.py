@@ -225,7 +225,8 @@ class LlamaCppEngine(Engine):
 
         from ..model.adapters import parse_adapter_specs, read_meta
         from ..model.load import load_tokenizer
-        from ..tools.gguf import LlamaCppBackend, gguf_config, read_gguf_meta, write_lora_gguf
+        from ..tools.gguf import gguf_config, read_gguf_meta, write_lora_gguf
+        from .llamacpp import LlamaCppBackend
 
         backend = LlamaCppBackend(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         tok = load_tokenizer(path)

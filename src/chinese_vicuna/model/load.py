@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import ROPE_TYPES, parse_rope_scaling  # noqa: F401  (re-exported: the planner reads it here)
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -183,12 +185,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         else:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ModelLoadError(_explain(path, e)) from None
+        raise ModelLoadError(explain_load_error(path, e)) from None
     _pick_pad(tok)
     return tok
 
 
-def _explain(path: str, e: Exception) -> str:
+def explain_load_error(path: str, e: Exception) -> str:
+    """One line saying why ``path`` could not be loaded: not found locally nor on the hub, or the error."""
     if not Path(path).exists():
         return (
             f"{path}: not a local folder, and it could not be fetched from the Hugging Face hub "
@@ -227,30 +230,6 @@ def default_dtype(dtype: str = "auto") -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-ROPE_TYPES = ("linear", "dynamic", "yarn")
-
-
-def parse_rope_scaling(spec: str) -> tuple[str, float]:
-    """``"linear:2"`` -> ``("linear", 2.0)``; the types are transformers' names (``dynamic`` = NTK-aware).
-
-    Raises:
-        ConfigError: not ``TYPE:FACTOR`` with a known type and a factor > 1.
-    """
-    from ..config import ConfigError
-
-    kind, _, factor = str(spec).partition(":")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = 0.0
-    if kind not in ROPE_TYPES or value <= 1.0:
-        raise ConfigError(
-            f"rope_scaling: expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and FACTOR > 1 "
-            f"(e.g. linear:2), got {spec!r}"
-        )
-    return kind, value
 
 
 def apply_rope_scaling(config, spec: str | None) -> int:
@@ -328,7 +307,7 @@ def load_model(
         try:
             config = AutoConfig.from_pretrained(**src, trust_remote_code=trust_remote_code)
         except OSError as e:
-            raise ModelLoadError(_explain(path, e)) from None
+            raise ModelLoadError(explain_load_error(path, e)) from None
         apply_rope_scaling(config, rope_scaling)
         kwargs["config"] = config
     if quantization != "none":
@@ -343,7 +322,7 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelLoadError(_explain(path, e)) from None
+        raise ModelLoadError(explain_load_error(path, e)) from None
     if quantization == "none" and device:
         model.to(device)
     return model

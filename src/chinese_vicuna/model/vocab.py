@@ -349,14 +349,14 @@ def resize_model_folder(base: str, tokenizer_dir: str, out_dir: str) -> tuple[Pa
     """Load ``base``, resize it to the tokenizer in ``tokenizer_dir``, save both to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
-    from .load import ModelLoadError, _explain, fix_special_tokens, load_tokenizer
+    from .load import ModelLoadError, explain_load_error, fix_special_tokens, load_tokenizer
 
     check_out_dir(out_dir, base, "config.json")
     old_tok, new_tok = load_tokenizer(base), load_tokenizer(tokenizer_dir)
     try:  # dtype "auto": keep the checkpoint's own precision
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     except OSError as e:
-        raise ModelLoadError(_explain(base, e)) from None
+        raise ModelLoadError(explain_load_error(base, e)) from None
     n = resize_model_embeddings(model, old_tok, new_tok)
     fix_special_tokens(model, new_tok)
     with atomic_dir(out_dir) as tmp:

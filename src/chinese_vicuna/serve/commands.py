@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 from pathlib import Path
 
+from ..access import is_loopback
 from ..config import ConfigError
 
 API_KEY_ENV = "CHINESE_VICUNA_API_KEY"
@@ -164,13 +164,6 @@ def _exec_vllm(args: argparse.Namespace, extra: list[str], api_key: str | None) 
     return 0  # not reached (unless execve is stubbed in a test)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     api_key = _api_key(args)
     if args.engine == "vllm":
@@ -186,7 +179,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     concurrency = args.max_concurrency or (8 if args.backend == "hf" else 1)
     app = create_app(engine, api_key=api_key, max_concurrency=concurrency, max_queue=args.max_queue,
                      cors_origins=origins)
-    if not _is_loopback(args.host) and not api_key:
+    if not is_loopback(args.host) and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     names = ", ".join([engine.name, *engine.adapters])

@@ -27,7 +27,7 @@ import struct
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,15 +36,15 @@ from ..generation.constrain import ConstraintError
 from .native_tools import native_format, native_prompt, wants_native
 from .replies import Reply, ResponsesReply
 from .responses import EmbeddingRequest, ResponsesRequest, chat_body
-from .runtime import (  # noqa: F401 - Admission, Task, plan: part of this module's interface
+from .runtime import (  # noqa: F401 - Admission, Task: part of this module's interface
     Admission,
+    ClientGone,
+    EventStream,
     Job,
     Server,
     Task,
-    _ClientGone,
-    _disconnected,
-    _EventStream,
     plan,
+    wait_disconnect,
 )
 from .schemas import (
     MAX_N,
@@ -68,8 +68,8 @@ _RAW = PromptTemplate()
 async def _respond(request: Request, job: Job, reply: Reply | ResponsesReply, stream: bool) -> Any:
     """The SSE stream, or the whole response -- cancelling the job if the client leaves meanwhile."""
     if stream:
-        return _EventStream(reply.stream(aiter(job)), job)
-    gone = asyncio.ensure_future(_disconnected(request))
+        return EventStream(reply.stream(aiter(job)), job)
+    gone = asyncio.ensure_future(wait_disconnect(request))
     gone.add_done_callback(lambda f: f.cancelled() or job.cancel())
     try:
         return await reply.collect(aiter(job))
@@ -160,6 +160,15 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+    add_error_handlers(app)
+    for router in (health_router(server), models_router(server), chat_router(server), completions_router(server),
+                   embeddings_router(server)):
+        app.include_router(router)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error body: ours, Starlette's (404, 405), a client gone, a crash."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -170,8 +179,8 @@ def create_app(
         msg = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(_ClientGone)
-    async def _gone(request: Request, exc: _ClientGone) -> Response:
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(Exception)
@@ -179,20 +188,40 @@ def create_app(
         body = APIError(500, f"Internal server error: {type(exc).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    @app.get("/health")
+
+def health_router(server: Server) -> APIRouter:
+    """``GET /health`` (no key needed: load balancers and the tests poll it)."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health() -> dict:
         return server.health()
 
-    @app.get("/v1/models")
+    return router
+
+
+def models_router(server: Server) -> APIRouter:
+    """``GET /v1/models`` and ``GET /v1/models/{model}``: the base model and each adapter."""
+    router = APIRouter()
+
+    @router.get("/v1/models")
     async def models(request: Request) -> dict:
         server.authorize(request)
         return {"object": "list", "data": server.model_cards()}
 
-    @app.get("/v1/models/{model:path}")
+    @router.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> dict:
         server.authorize(request)
-        want = server.adapter_for(model) or engine.name
+        want = server.adapter_for(model) or server.engine.name
         return next(c for c in server.model_cards() if c["id"] == want)
+
+    return router
+
+
+def chat_router(server: Server) -> APIRouter:
+    """``POST /v1/chat/completions`` and ``POST /v1/responses``: both render messages through the template."""
+    router = APIRouter()
+    engine = server.engine
 
     async def chat_job(request: Request, req: ChatRequest) -> tuple[Job, list[int], str, Any]:
         adapter = server.adapter_for(req.model)
@@ -206,7 +235,7 @@ def create_app(
         await server.launch(request, job)
         return job, ids, prefill, cons
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         server.authorize(request)
         req = parse_body(ChatRequest, await server.read_json(request))
@@ -215,7 +244,7 @@ def create_app(
         reply = Reply(req, len(ids), chat=True, prefixes=[""] * req.choices, tools=tools, strip=not prefill)
         return await _respond(request, job, reply, req.stream)
 
-    @app.post("/v1/responses")
+    @router.post("/v1/responses")
     async def responses(request: Request) -> Any:
         server.authorize(request)
         rreq = parse_body(ResponsesRequest, await server.read_json(request))
@@ -226,7 +255,15 @@ def create_app(
                                max_output_tokens=rreq.max_output_tokens)
         return await _respond(request, job, reply, rreq.stream)
 
-    @app.post("/v1/completions")
+    return router
+
+
+def completions_router(server: Server) -> APIRouter:
+    """``POST /v1/completions``: raw text prompts, no template."""
+    router = APIRouter()
+    engine = server.engine
+
+    @router.post("/v1/completions")
     async def completions(request: Request) -> Any:
         server.authorize(request)
         req = parse_body(CompletionRequest, await server.read_json(request))
@@ -249,7 +286,15 @@ def create_app(
         reply = Reply(req, sum(len(ids) for _, ids in prompts), chat=False, prefixes=prefixes)
         return await _respond(request, job, reply, req.stream)
 
-    @app.post("/v1/embeddings")
+    return router
+
+
+def embeddings_router(server: Server) -> APIRouter:
+    """``POST /v1/embeddings``: ``engine.embed`` of the base model or an adapter."""
+    router = APIRouter()
+    engine = server.engine
+
+    @router.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:
         server.authorize(request)
         req = parse_body(EmbeddingRequest, await server.read_json(request))
@@ -272,4 +317,4 @@ def create_app(
         return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    return app
+    return router

@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .schemas import MAX_MESSAGES, APIError, _Body
+from .schemas import MAX_MESSAGES, APIError, RequestBody
 
 _PASS = ("model", "temperature", "top_p", "stream", "seed", "top_k", "repetition_penalty", "min_tokens",
          "parallel_tool_calls", "logit_bias")
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(RequestBody):
     model: str
     input: str | list[dict[str, Any]] = Field(max_length=MAX_MESSAGES)
     instructions: str | None = None
@@ -99,7 +99,7 @@ def chat_body(req: ResponsesRequest) -> dict:
     return body
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(RequestBody):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

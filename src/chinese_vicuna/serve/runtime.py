@@ -25,7 +25,7 @@ from .schemas import APIError
 log = logging.getLogger(__name__)
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client disconnected before its request was admitted."""
 
 
@@ -175,13 +175,13 @@ class Job:
             yield event
 
 
-async def _disconnected(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
     """Return once the client has gone (the body is read, so ``receive`` only answers that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """An SSE response that cancels its job however it ends: finished, client gone, or error."""
 
     def __init__(self, content: AsyncIterator[str], job: Job):
@@ -288,12 +288,12 @@ class Server:
             raise APIError(400, "We could not parse the JSON body of your request: it is nested too deeply.") from None
 
     async def admit(self, request: Request) -> asyncio.Future:
-        """Wait for a slot (429 if the queue is full; ``_ClientGone`` if the client leaves the queue)."""
+        """Wait for a slot (429 if the queue is full; ``ClientGone`` if the client leaves the queue)."""
         if self.draining:
             raise APIError(503, "The server is shutting down.", type="server_error")
         slot = self.admission.enter()
         if not slot.done():
-            gone = asyncio.ensure_future(_disconnected(request))
+            gone = asyncio.ensure_future(wait_disconnect(request))
             try:
                 await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
@@ -303,7 +303,7 @@ class Server:
                 gone.cancel()
             if not slot.done():
                 self.admission.leave(slot)
-                raise _ClientGone
+                raise ClientGone
         return slot
 
     async def exclusive(self, request: Request, fn, *args) -> Any:

@@ -62,27 +62,29 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
+    """Base of every request body: unknown fields ignored, NaN/inf refused."""
+
     # NaN/inf are valid Python JSON but no valid temperature; refuse them at the door.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
 
 
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class FunctionCall(_Body):
+class FunctionCall(RequestBody):
     name: str = Field(pattern=_NAME)
     arguments: str
 
 
-class ToolCall(_Body):
+class ToolCall(RequestBody):
     id: str = Field(min_length=1)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -90,40 +92,40 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
-class FunctionDef(_Body):
+class FunctionDef(RequestBody):
     name: str = Field(pattern=_NAME)
     description: str = ""
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(_Body):
+class ToolDef(RequestBody):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Body):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(RequestBody):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaSpec(_Body):
+class JsonSchemaSpec(RequestBody):
     name: str = Field(pattern=_NAME)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class _Sampling(_Body):
+class _Sampling(RequestBody):
     """Fields shared by chat and text completions (OpenAI's, then our extensions)."""
 
     model: str
@@ -225,7 +227,7 @@ def _bad_string(obj: Any, path: str = "") -> str | None:
     return None
 
 
-def parse_body(cls: type[_Body], data: Any) -> Any:
+def parse_body(cls: type[RequestBody], data: Any) -> Any:
     """Validate a parsed JSON body; every problem becomes a 400 naming the parameter."""
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}.")

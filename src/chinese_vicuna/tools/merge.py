@@ -273,12 +273,12 @@ def merge_in_memory(base: str, adapters: list[str], tmp: Path, max_shard_size: i
     from transformers import AutoModelForCausalLM
 
     from ..model.adapters import load_adapter
-    from ..model.load import ModelLoadError, _explain
+    from ..model.load import ModelLoadError, explain_load_error
 
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
     except OSError as e:
-        raise ModelLoadError(_explain(base, e)) from None
+        raise ModelLoadError(explain_load_error(base, e)) from None
     for folder in tqdm(adapters, desc="merging adapters", unit="adapter"):
         # load_adapter resizes the embeddings first when the adapter saved an extended vocabulary
         model = load_adapter(model, folder).merge_and_unload()

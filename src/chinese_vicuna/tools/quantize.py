@@ -49,7 +49,7 @@ def quantize_model(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ..model.load import ModelLoadError, _explain, default_dtype
+    from ..model.load import ModelLoadError, default_dtype, explain_load_error
 
     if bits not in (4, 8):
         raise ConfigError(f"--bits: expected 4 or 8, got {bits}")
@@ -71,7 +71,7 @@ def quantize_model(
             # bitsandbytes quantizes each linear layer as its weights are loaded
             q = AutoModelForCausalLM.from_pretrained(model, quantization_config=qconfig, device_map={"": device}, dtype=dtype)
         except OSError as e:
-            raise ModelLoadError(_explain(model, e)) from None
+            raise ModelLoadError(explain_load_error(model, e)) from None
         bar.update()
         q.save_pretrained(tmp)
         bar.update()

@@ -1,1 +1,2 @@
-"""``chinese-vicuna board``: one Gradio app over the CLI's code paths (see ``app.py``)."""
+"""``chinese-vicuna board``: one Gradio app over the CLI's code paths (``Board`` in ``app.py``, the page
+in ``ui.py``, one module per tab in ``tabs/``)."""

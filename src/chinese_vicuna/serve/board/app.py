@@ -1,6 +1,7 @@
 """``chinese-vicuna board``: the whole workflow in one Gradio app (model, data, train, evaluate, chat, export).
 
-Every tab calls the code the CLI runs: ``data inspect``'s renderer, ``chinese-vicuna train`` as a
+``Board`` holds the state and the actions; the page is laid out in ``ui.py`` from one module per
+tab (``tabs/``). Every tab calls the code the CLI runs: ``data inspect``'s renderer, ``chinese-vicuna train`` as a
 separate process (``runs.py``), ``eval compare`` / ``eval ppl`` / ``eval ceval|cmmlu``'s functions,
 ``chinese-vicuna webui`` for the chat, ``merge`` and ``export-gguf``. Typed paths go through
 :class:`PathGuard`. The page polls the run folders once a second (``gr.Timer``).
@@ -28,9 +29,6 @@ from .runs import RunManager, log_tail, read_metrics
 
 EMBEDDED = "embedded: SmolLM2-135M-Instruct"
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".parquet")
-TEMPLATES = ("alpaca", "vicuna-chat", "auto")
-OPEN_GROUPS = ("lora", "train")
-"""Config groups shown unfolded in the Train tab (model and data keys are set from their own tabs)."""
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -328,13 +326,14 @@ class Board:
         return [f"{Path(a).name}={self.guard.resolve(a, what='adapter')}" for a in adapters or []]
 
     def compare(self, adapters: list[str], prompts: str, limit: float, max_new_tokens: float, base: str | None):
+        from ...data.datasets import read_prompts
         from ...eval import compare as cmp
         from ...generation.decode import GenArgs
 
         try:
             specs = self._adapter_specs(adapters)
             path = self.guard.resolve(prompts, what="prompts")
-            items = cmp.read_prompts(str(path), int(limit or 0) or None)
+            items = read_prompts(str(path), int(limit or 0) or None)
             with self._lock:  # one model at a time on this machine
                 columns = cmp.compare(items, specs, self.base_arg(base) if not specs else None,
                                       GenArgs(max_new_tokens=int(max_new_tokens or 64)))
@@ -477,207 +476,3 @@ class Board:
         except _user_errors() as e:
             return f"error: {e}"
         return f"wrote `{self.rel(path)}` ({gguf_type}, {path.stat().st_size / 2**20:.1f} MiB)"
-
-
-def _field(spec: FieldSpec):
-    import gradio as gr
-
-    common = dict(label=spec.key, info=spec.doc or None, elem_id=f"cfg-{spec.key}")
-    if spec.kind == "choice":
-        return gr.Dropdown(list(spec.choices), value=spec.default_text, **common)
-    if spec.kind == "bool":
-        return gr.Checkbox(value=spec.default_text, **common)
-    if spec.kind in ("int", "float") and not spec.optional:
-        return gr.Number(value=spec.default_text, precision=0 if spec.kind == "int" else None, **common)
-    return gr.Textbox(value=spec.default_text, lines=1, **common)
-
-
-def build_board(board: Board):
-    """The Gradio Blocks app (not launched)."""
-    import gradio as gr
-
-    specs = board.specs
-    samples = [f for f in board.data_files() if f.startswith("data/samples/")]
-    default_data = [f for f in samples if f.endswith("instruct.jsonl")][:1]
-    presets = sorted(board.rel(p) for p in (board.workdir / "configs").glob("*.yaml"))
-    with gr.Blocks(title="chinese-vicuna board", analytics_enabled=False) as demo:
-        gr.Markdown("### chinese-vicuna board · train, watch, evaluate, chat, export")
-        fields: dict[str, object] = {}
-        with gr.Tabs():
-            with gr.Tab("Model", elem_id="tab-model"):
-                base = gr.Dropdown(board.model_choices(), value=EMBEDDED, allow_custom_value=True,
-                                   label="Base model (a local folder, .gguf file or hub id may be typed)",
-                                   elem_id="model-base")
-                with gr.Row():
-                    quant = gr.Radio(["none", "4bit", "8bit"], value="none", label="Quantization (4bit = QLoRA)",
-                                     elem_id="model-quantization")
-                    template = gr.Radio(list(TEMPLATES), value="alpaca", label="Prompt template",
-                                        elem_id="model-template")
-                info_btn = gr.Button("Show size", elem_id="model-info-btn")
-                info = gr.Markdown(elem_id="model-info")
-            with gr.Tab("Data", elem_id="tab-data"):
-                files = gr.CheckboxGroup(board.data_files(), value=default_data, label="Data files",
-                                         elem_id="data-files")
-                with gr.Row():
-                    typed = gr.Textbox(label="Add a file by path", placeholder="data/my.jsonl", scale=4,
-                                       elem_id="data-path")
-                    add = gr.Button("Add", scale=1, elem_id="data-add")
-                    up = gr.File(label="Upload", file_types=list(DATA_SUFFIXES), scale=2, elem_id="data-upload")
-                with gr.Row():
-                    fmt = gr.Dropdown(["auto", "alpaca", "vicuna-chat", "sharegpt", "openai", "text"], value="auto",
-                                      label="Format", elem_id="data-format")
-                    inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
-                data_msg = gr.Markdown(elem_id="data-error")
-                preview = gr.HTML(elem_id="data-preview")
-                stats = gr.Markdown(elem_id="data-stats")
-            with gr.Tab("Train", elem_id="tab-train"):
-                with gr.Row():
-                    preset = gr.Dropdown(presets, value=None, label="Preset", elem_id="train-preset", scale=3)
-                    load = gr.Button("Load preset", scale=1, elem_id="train-load")
-                groups: dict[str, list[FieldSpec]] = {}
-                for s in specs:
-                    groups.setdefault(s.group, []).append(s)
-                for group, members in groups.items():
-                    with gr.Accordion(f"{group} ({len(members)} keys)", open=group in OPEN_GROUPS):
-                        for i in range(0, len(members), 3):
-                            with gr.Row():
-                                for s in members[i : i + 3]:
-                                    fields[s.key] = _field(s)
-                form = [fields[k] for k in board.keys]
-                cmd = gr.Code(board.command(*[s.default_text for s in specs]), language="shell",
-                              label="Command line (the same run from a terminal)", elem_id="train-command")
-                with gr.Row():
-                    start = gr.Button("Start", variant="primary", elem_id="train-start")
-                    stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                    resume = gr.Button("Resume", elem_id="train-resume")
-                train_msg = gr.Markdown(elem_id="train-message")
-                with gr.Column(elem_id="run-monitor"):
-                    runs0 = [board.rel(d) for d in board.runs.folders()]
-                    run = gr.Dropdown(runs0, value=runs0[0] if runs0 else None, label="Run", allow_custom_value=True,
-                                      elem_id="run-select")
-                    status = gr.Markdown(elem_id="run-status")
-                    plot = gr.LinePlot(None, x="step", y="loss",
-                                       color="series", title="loss", height=280, elem_id="loss-plot")
-                    trackers = gr.Markdown(elem_id="run-trackers")
-                    log = gr.Code(label="Log (tail)", elem_id="run-log", lines=12, max_lines=12)
-                    table = gr.Dataframe(headers=["run", "state", "step", "loss", "val loss", "tokens/s", "ETA",
-                                                  "checkpoints", "started from"], value=board.runs_table(),
-                                         interactive=False, label="Runs", elem_id="runs")
-            with gr.Tab("Evaluate", elem_id="tab-eval"):
-                eval_adapters = gr.CheckboxGroup(board.adapters(), label="Adapters (compared with the base)",
-                                                 elem_id="eval-adapters")
-                with gr.Row():
-                    prompts = gr.Textbox("data/samples/heldout.jsonl", label="Prompts (JSONL of instruction/input)",
-                                         elem_id="eval-prompts", scale=3)
-                    limit = gr.Number(3, precision=0, label="Prompts", elem_id="eval-limit")
-                    max_new = gr.Number(48, precision=0, label="Max new tokens", elem_id="eval-max-new")
-                compare_btn = gr.Button("Compare answers", variant="primary", elem_id="eval-compare")
-                eval_msg = gr.Markdown(elem_id="eval-message")
-                answers = gr.Dataframe(label="Same prompts, greedy decoding", wrap=True, elem_id="eval-answers")
-                with gr.Row():
-                    ppl_data = gr.Textbox("data/samples/pretrain.txt", label="Perplexity text", elem_id="eval-ppl-data")
-                    ppl_btn = gr.Button("Perplexity", elem_id="eval-ppl")
-                ppl = gr.Markdown(elem_id="eval-ppl-result")
-                with gr.Row():
-                    bench = gr.Radio(["ceval", "cmmlu"], value="ceval", label="Benchmark", elem_id="eval-bench")
-                    bench_data = gr.Textbox("data/samples/ceval", label="Benchmark folder", elem_id="eval-bench-data")
-                    bench_limit = gr.Number(5, precision=0, label="Questions per subject", elem_id="eval-bench-limit")
-                    bench_btn = gr.Button("Accuracy", elem_id="eval-bench-run")
-                bench_out = gr.Markdown(elem_id="eval-bench-result")
-            with gr.Tab("Chat", elem_id="tab-chat"):
-                adapters0 = board.adapters()
-                with gr.Row():
-                    chat_adapter = gr.Dropdown([*adapters0, "base"], value=(adapters0 or ["base"])[0],
-                                               label="Adapter", elem_id="chat-adapter", scale=3)
-                    chat_open = gr.Button("Open chat", variant="primary", elem_id="chat-open", scale=1)
-                    chat_close = gr.Button("Close chat", elem_id="chat-close", scale=1)
-                chat_msg = gr.Markdown(elem_id="chat-message")
-                chat_frame = gr.HTML(elem_id="chat-area")
-            with gr.Tab("Export", elem_id="tab-export"):
-                exp_adapter = gr.Dropdown(adapters0, value=adapters0[0] if adapters0 else None, label="Adapter",
-                                          allow_custom_value=True, elem_id="export-adapter")
-                with gr.Row():
-                    merge_out = gr.Textbox(label="Merged model folder (default: ADAPTER-merged)",
-                                           elem_id="export-merge-out")
-                    merge_btn = gr.Button("Merge", elem_id="export-merge")
-                with gr.Row():
-                    gguf_type = gr.Dropdown(["f16", "bf16", "f32", "q8_0", "q4_0", "q4_k_m", "q5_k_m"], value="q8_0",
-                                            label="GGUF type", elem_id="export-type")
-                    gguf_out = gr.Textbox(label="GGUF file (default: ADAPTER.TYPE.gguf)", elem_id="export-gguf-out")
-                    gguf_btn = gr.Button("Export GGUF", variant="primary", elem_id="export-gguf")
-                export_msg = gr.Markdown(elem_id="export-result")
-
-        # -- wiring ------------------------------------------------------------------------
-        quick = dict(show_progress="hidden")
-        info_btn.click(board.model_info, [base, quant], info)
-        base.change(lambda b: "" if b == EMBEDDED else b, base, fields["base_model"], **quick)
-        quant.change(lambda q: q, quant, fields["quantization"], **quick)
-        template.change(lambda t: t, template, fields["template"], **quick)
-        files.change(lambda fs: ", ".join(fs or []), files, fields["data_path"], **quick)
-        demo.load(lambda fs: ", ".join(fs or []), files, fields["data_path"], **quick)
-        add.click(board.add_path, [typed, files], [files, data_msg])
-        typed.submit(board.add_path, [typed, files], [files, data_msg])
-        up.upload(board.upload, [up, files], [files, data_msg])
-        inspect_btn.click(board.inspect, [files, fmt, template, base, fields["cutoff_len"]],
-                          [preview, stats, data_msg])
-        for c in form:
-            c.change(board.command, form, cmd, **quick)
-        load.click(board.load_preset, preset, form)
-        start.click(board.start, form, [train_msg, run])
-        stop.click(board.stop, run, train_msg, queue=False)
-        resume.click(board.resume, run, train_msg)
-        run.change(board.run_status, run, [status, plot, log, trackers], **quick)
-
-        # The page's lists follow the run folders, but a value is only set when the lists change (a new run
-        # or adapter appeared: it becomes the selection) or nothing is selected. Setting values every tick
-        # would undo a click made while the tick was in flight.
-        seen = gr.State(None)
-
-        def tick(selected, last):
-            runs = [board.rel(d) for d in board.runs.folders()]
-            adapters = board.adapters()
-            selected = selected or (runs[0] if runs else None)
-            line, df, tail, links = board.run_status(selected)
-            rows = board.runs_table()
-            lists = (tuple(runs), tuple(adapters), rows)
-            if lists[:2] == (last or (None, None))[:2]:
-                lists_out = [gr.skip()] * 4
-            else:
-                new_run = next((r for r in runs if last is None or r not in last[0]), None)
-                new_adapter = next((a for a in adapters if last is None or a not in last[1]), None)
-                lists_out = [
-                    gr.update(choices=runs, value=new_run) if new_run and last is not None
-                    else gr.update(choices=runs),
-                    gr.update(choices=adapters),
-                    gr.update(choices=[*adapters, "base"], value=new_adapter) if new_adapter
-                    else gr.update(choices=[*adapters, "base"]),
-                    gr.update(choices=adapters, value=new_adapter) if new_adapter else gr.update(choices=adapters),
-                ]
-            run_out, eval_out, chat_out, exp_out = lists_out
-            table_out = gr.skip() if last is not None and rows == last[2] else rows  # redraw only on change
-            return table_out, run_out, line, df, tail, links, eval_out, chat_out, exp_out, lists
-
-        timer = gr.Timer(1.0)
-        timer.tick(tick, [run, seen],
-                   [table, run, status, plot, log, trackers, eval_adapters, chat_adapter, exp_adapter, seen],
-                   show_progress="hidden", concurrency_id="tick", concurrency_limit=1)
-        heavy = dict(concurrency_id="model", concurrency_limit=1)
-        compare_btn.click(board.compare, [eval_adapters, prompts, limit, max_new, base], [answers, eval_msg], **heavy)
-        ppl_btn.click(board.perplexity, [eval_adapters, ppl_data, base], ppl, **heavy)
-        bench_btn.click(board.benchmark, [eval_adapters, bench, bench_data, bench_limit, base], bench_out, **heavy)
-        chat_open.click(board.open_chat, chat_adapter, [chat_frame, chat_msg])
-        chat_close.click(lambda: ("", board.close_chat()), None, [chat_frame, chat_msg])
-        merge_btn.click(board.merge, [exp_adapter, merge_out], export_msg, **heavy)
-        gguf_btn.click(board.gguf, [exp_adapter, gguf_type, gguf_out], export_msg, **heavy)
-    return demo
-
-
-def launch(board: Board, port: int = 7861) -> int:
-    """Serve the board until Ctrl-C / SIGTERM; training runs it started keep running."""
-    from ..webui import serve_until_stopped
-
-    demo = build_board(board)
-    demo.queue(max_size=64)
-    serve_until_stopped(demo, host=board.host, port=port, auth=board.auth, on_exit=board.close_chat,
-                        banner=f"board at http://{board.host}:{port} (Ctrl-C stops the board; training runs keep going)")
-    return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ...chat.commands import _is_loopback, parse_auth
+from ...access import is_loopback, parse_auth
 
 
 def register(subparsers, groups) -> None:
@@ -30,11 +30,12 @@ def register(subparsers, groups) -> None:
 
 def cmd_board(args: argparse.Namespace, extra: list[str]) -> int:
     from ...model.load import cache_dir
-    from .app import Board, launch
+    from .app import Board
     from .paths import PathGuard
+    from .ui import launch
 
     auth = parse_auth(args.auth)
-    if not _is_loopback(args.host) and auth is None:
+    if not is_loopback(args.host) and auth is None:
         print(f"warning: serving on {args.host} without --auth: anyone who can reach it can train and read "
               "files in the allowed folders", file=sys.stderr)
     workdir = Path.cwd()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ...config import ConfigError, _fields, field_help, load_config
+from ...config import ConfigError, config_fields, field_help, load_config
 
 # Keys whose values are filesystem paths typed by the user (checked by the board's PathGuard);
 # ``write`` marks the one the run writes to.
@@ -53,7 +53,7 @@ def field_specs() -> list[FieldSpec]:
     """Every config key, in the dataclasses' order, with its group, kind, default and docstring."""
     docs = {key: doc for key, _, doc in field_help()}
     specs = []
-    for key, (group, f) in _fields().items():
+    for key, (group, f) in config_fields().items():
         tp, optional = _strip_optional(f.type)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         origin = typing.get_origin(tp)

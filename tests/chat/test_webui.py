@@ -18,9 +18,9 @@ import pytest
 from helpers import ROOT
 
 from chinese_vicuna.chat.session import ChatSession
+from chinese_vicuna.chat.webui import CONTROL_NAMES, WebChat, messages
 from chinese_vicuna.generation.decode import GenArgs
 from chinese_vicuna.generation.engine import Engine
-from chinese_vicuna.serve.webui import CONTROL_NAMES, WebChat, messages
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..chat.session import ChatError, ChatSession
 from ..data.templates import TEMPLATES
+from .session import ChatError, ChatSession
 
 REFRESH_S = 0.05
 """Redraw interval while a reply streams (the model may produce tokens much faster)."""
