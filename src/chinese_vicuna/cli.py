@@ -10,45 +10,16 @@ import argparse
 import importlib
 import logging
 import sys
-import textwrap
 import warnings
 
-from .config import ConfigError, field_help
-
-
-def _train_epilog() -> str:
-    lines = ["config keys (YAML and --key value use the same names):"]
-    for key, default, doc in field_help():
-        lines.append(f"  --{key} (default {default})")
-        if doc:
-            lines += ["      " + w for w in textwrap.wrap(doc, 90)]
-    return "\n".join(lines)
-
-
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from .config import load_config
-    from .train.trainer import run_training
-
-    cfg = load_config(args.config, extra)
-    if cfg.train.launcher == "ray":
-        from .train.launch_ray import run_ray
-
-        print(f"adapter written to {run_ray(cfg)}")
-        return 0
-    trainer = run_training(cfg)
-    if trainer.accelerator.is_main_process and getattr(trainer, "stopped_at", None):
-        print(f"stopped at step {trainer.stopped_at}; checkpoint in {cfg.train.output_dir} "
-              "(continue with --resume auto)")
-    elif trainer.accelerator.is_main_process:
-        print(f"adapter written to {cfg.train.output_dir}")
-    return 0
-
+from .config import ConfigError
 
 # The packages that add subcommands, in --help order. Each ``commands.py`` exposes
 # ``register(subparsers, groups)`` (groups: the ``data`` and ``eval`` sub-command parsers) and adds
 # parsers whose ``func(args, extra) -> int`` does the work; heavy imports stay inside ``func`` so
-# that ``--help`` stays instant. ``train`` is defined here until train/ has its own commands.py.
+# that ``--help`` stays instant.
 COMMAND_MODULES: tuple[str, ...] = (
+    "train.commands",  # train, plan
     "tools.commands",  # import, data inspect, merge, export-gguf, convert-meta, quantize, verify, vocab
     "data.commands",  # data convert
     "generation.commands",  # generate
@@ -56,7 +27,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "chat.commands",  # chat, webui
     "serve.commands",  # serve
     "serve.board.commands",  # board
-    "train.plan",  # plan
 )
 
 
@@ -66,16 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn a LLaMA-family model into a Chinese instruction/chat model with LoRA/QLoRA.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "train",
-        help="LoRA / QLoRA / full fine-tuning from a YAML config plus --key value overrides",
-        epilog=_train_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", nargs="?", help="YAML preset (configs/*.yaml); optional")
-    p.set_defaults(func=cmd_train, allow_extra=True)
-
     groups = {
         "data": sub.add_parser("data", help="data tools").add_subparsers(
             dest="data_command", metavar="SUBCOMMAND", required=True),

@@ -565,18 +565,4 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return mine, rest
 
 
-def register(subparsers, groups=None) -> None:
-    """Add ``plan`` (called by cli.build_parser)."""
-    p = subparsers.add_parser(
-        "plan",
-        help="predict a training run's peak memory (no weights loaded) and the largest batch/length that fits",
-        description="Takes exactly the train command's config and --key value flags.",
-    )
-    p.add_argument("config", nargs="?", help="YAML preset (configs/*.yaml); optional")
-    p.add_argument("--device-memory", default=None, help="memory to fit in, e.g. 24GiB or 11GB")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="plan for this device (default: this machine's)")
-    p.add_argument("--assume-full", action="store_true", help="every sample at cutoff_len (do not read the data)")
-    p.set_defaults(func=cmd_plan, allow_extra=True)
-
-
 __all__ = ["Plan", "RunPlan", "Shape", "estimate", "model_config", "plan_run", "replace"]

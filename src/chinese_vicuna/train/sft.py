@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..data.collate import collate, collate_packed
 from ..data.tokenize import IGNORE, Sample
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 class SFTObjective:
@@ -23,7 +18,7 @@ class SFTObjective:
 
     log_fields: tuple[str, ...] = ()
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer):  # the Trainer that runs this stage
         self.trainer = trainer
 
     @staticmethod
