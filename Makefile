@@ -6,9 +6,9 @@ STAMP   := $(VENV)/.installed
 # torch is pinned to the CPU build on local disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install base-model browser demo test test-all bench lint docs clean
+.PHONY: install base-model browser allocator demo test test-all bench lint docs clean
 
-install: $(STAMP) base-model browser
+install: $(STAMP) base-model browser allocator
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ $(STAMP): pyproject.toml
 browser:
 	@{ command -v chromium && fc-list | grep -qi wqy; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; } \
 		|| echo "warning: chromium not installed; the web UI browser test will be skipped"
+
+# `train` runs on jemalloc where it is installed (cpu_allocator: auto): glibc's heap fragments under mixed
+# sample lengths and the CPU peak overshoots the memory plan. Debian's package; without it training still runs.
+allocator:
+	@test -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 -o -e /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null; } \
+		|| echo "warning: libjemalloc2 not installed; training uses glibc's malloc (peaks above the memory plan)"
 
 # Idempotent: `import` returns at once when the converted folder is already there.
 base-model: $(STAMP)

@@ -41,13 +41,39 @@ def long_data(path: Path, n: int = 8) -> Path:
     return path
 
 
+def mixed_data(path: Path, n: int = 48) -> Path:
+    """Alpaca records of mixed lengths, from a few dozen tokens to past 2048 (as real chat data is): every
+    micro-batch pads to another length, so every step allocates tensors of new shapes."""
+    text = (ROOT / "data" / "samples" / "pretrain.txt").read_text(encoding="utf-8").replace("\n", "")
+    rows = []
+    for i in range(n):
+        size = 40 + (i * 397) % 3200  # characters: roughly 30 to 2,400 tokens
+        reply = ((text[i * 37 :] + text) * 3)[:size]
+        rows.append({"instruction": f"第{i}题：请复述下面的文字。", "input": "", "output": reply})
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
 def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str, model: str | None = None,
-        micro_batch: int = 2) -> dict:
+        micro_batch: int = 2, steps: int = 1, name: str = "long") -> dict:
     cmd = [sys.executable, "-m", "chinese_vicuna", "train", "--data_path", str(data), "--output_dir", str(out),
            "--cutoff_len", str(cutoff), "--micro_batch_size", str(micro_batch), "--batch_size", str(micro_batch),
-           "--max_steps", "1", "--gradient_checkpointing", "true" if ckpt else "false", "--quantization", quant,
+           "--max_steps", str(steps), "--gradient_checkpointing", "true" if ckpt else "false", "--quantization", quant,
            "--report_to", "none", "--save_steps", "1000", "--logging_steps", "1", "--seed", "42"]
     cmd += ["--base_model", model] if model else []
+    return measure(cmd, dict(workload=name, cutoff=cutoff, checkpointing=ckpt, quantization=quant,
+                             micro_batch_size=micro_batch, steps=steps))
+
+
+def run_demo(out: Path) -> dict:
+    """``make demo``'s training run as it is (configs/demo.yaml), into a scratch folder."""
+    cmd = [sys.executable, "-m", "chinese_vicuna", "train", str(ROOT / "configs" / "demo.yaml"),
+           "--output_dir", str(out), "--report_to", "none"]
+    return measure(cmd, dict(workload="demo", cutoff=256, checkpointing=False, quantization="none",
+                             micro_batch_size=8, steps=None))
+
+
+def measure(cmd: list[str], row: dict) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode != 0:
@@ -56,9 +82,20 @@ def run(data: Path, out: Path, cutoff: int, ckpt: bool, quant: str, model: str |
     if not m:
         raise SystemExit(f"no memory line in the output of {' '.join(cmd)}:\n{proc.stdout[-2000:]}")
     predicted, measured = int(m.group(1)), int(m.group(2))
-    return dict(cutoff=cutoff, checkpointing=ckpt, quantization=quant, micro_batch_size=micro_batch,
-                predicted_mib=predicted, measured_mib=measured, error=(predicted - measured) / measured,
+    ckpt = re.search(r"gradient checkpointing (on|off)", proc.stdout)
+    if ckpt:  # the demo's `auto` decides by the plan
+        row["checkpointing"] = ckpt.group(1) == "on"
+    return dict(row, predicted_mib=predicted, measured_mib=measured, error=(predicted - measured) / measured,
                 seconds=round(time.perf_counter() - start, 1))
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 QUANT_NAMES = {"none": "LoRA", "8bit": "LoRA 8-bit", "4bit": "QLoRA"}
@@ -76,27 +113,42 @@ def main() -> None:
                     help="micro-batch size, or CUTOFF:SIZE pairs (e.g. 256:4,2048:2, as the README's LLaMA table)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each is its own process and measures its own peak)")
     ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/plan[-cuda].json)")
+    ap.add_argument("--workloads", default=None,
+                    help="comma list of grid (long samples, the table above), mixed (mixed lengths up to cutoff 2048, "
+                         "8 steps, checkpointing off and on), demo (configs/demo.yaml as `make demo` runs it); "
+                         "default: all three on the embedded model, grid alone with --model")
     args = ap.parse_args()
+    workloads = (args.workloads or ("grid" if args.model else "grid,mixed,demo")).split(",")
     cutoffs = tuple(int(c) for c in args.cutoffs.split(",")) if args.cutoffs else (256, 1024) if args.quick else (256, 2048)
     micro = dict((int(a), int(b)) for a, b in (p.split(":") for p in args.micro_batch.split(","))) \
         if ":" in args.micro_batch else {c: int(args.micro_batch) for c in cutoffs}
     ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
-    grid = [(q, c, k) for q in args.quantization.split(",") for c in cutoffs for k in ckpts]
+    grid = [(q, c, k) for q in args.quantization.split(",") for c in cutoffs for k in ckpts] if "grid" in workloads else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         data = long_data(Path(tmp) / "long.jsonl")
         futures = [pool.submit(run, data, Path(tmp) / f"{q}-{c}-{k}", c, k, q, args.model, micro[c]) for q, c, k in grid]
+        if "mixed" in workloads:
+            mixed = mixed_data(Path(tmp) / "mixed.jsonl")
+            futures += [pool.submit(run, mixed, Path(tmp) / f"mixed-{k}", 2048, k, "none", args.model, 2, 8, "mixed")
+                        for k in (False, True)]
+        if "demo" in workloads:
+            futures.append(pool.submit(run_demo, Path(tmp) / "demo"))
         for f in futures:
             r = f.result()
             rows.append(r)
-            print(f"{QUANT_NAMES[r['quantization']]:<10} cutoff {r['cutoff']:>5}  micro-batch {r['micro_batch_size']}  "
+            print(f"{r['workload']:<5} {QUANT_NAMES[r['quantization']]:<10} cutoff {r['cutoff']:>5}  micro-batch {r['micro_batch_size']}  "
                   f"checkpointing {'on ' if r['checkpointing'] else 'off'}  predicted {r['predicted_mib']:>6} MiB  "
                   f"measured {r['measured_mib']:>6} MiB  error {r['error']:+6.1%}  ({r['seconds']} s)", flush=True)
-    import platform
 
     import torch
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from chinese_vicuna.model.load import cpu_has_native_bf16
+    from chinese_vicuna.train.heap import find_jemalloc
+
+    machine = (f"{cpu_name()}, {'native bf16 (bf16 autocast)' if cpu_has_native_bf16() else 'no native bf16 (fp32)'}, "
+               f"{os.cpu_count()} cores, torch {torch.__version__}, allocator "
+               f"{'jemalloc' if find_jemalloc() else 'glibc'}")
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name() + ", " + machine
     model = args.model or "SmolLM2-135M-Instruct (embedded)"
@@ -107,8 +159,9 @@ def main() -> None:
     tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_out, out)
     big = max(cutoffs)
-    off = next((r for r in rows if r["cutoff"] == big and not r["checkpointing"]), None)
-    on = next((r for r in rows if r["cutoff"] == big and r["checkpointing"] and r["quantization"] == off["quantization"]),
+    off = next((r for r in rows if r["workload"] == "long" and r["cutoff"] == big and not r["checkpointing"]), None)
+    on = next((r for r in rows if r["workload"] == "long" and r["cutoff"] == big and r["checkpointing"]
+               and r["quantization"] == off["quantization"]),
               None) if off else None
     if off and on:
         print(f"gradient checkpointing: peak {off['measured_mib']} MiB -> {on['measured_mib']} MiB "
@@ -116,8 +169,8 @@ def main() -> None:
               f"micro-batch {off['micro_batch_size']}, {'peak reserved + context' if torch.cuda.is_available() else 'peak RSS'})")
     worst = max(abs(r["error"]) for r in rows)
     print(f"planner accuracy: worst error {worst:.1%} over {len(rows)} runs (target 15%; {model}; "
-          f"{', '.join(QUANT_NAMES[q] for q in args.quantization.split(','))}, cutoff {' and '.join(map(str, cutoffs))}, "
-          f"checkpointing {args.checkpointing})")
+          f"workloads {', '.join(workloads)}; grid: {', '.join(QUANT_NAMES[q] for q in args.quantization.split(','))}, "
+          f"cutoff {' and '.join(map(str, cutoffs))}, checkpointing {args.checkpointing})")
 
 
 if __name__ == "__main__":

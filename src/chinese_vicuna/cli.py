@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     parser = build_parser()
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
         # `train [CONFIG] --key value ...`: every flag is a config key, so argparse only sees CONFIG.
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # the command is this process's own (the console script, python -m), not a call from other code:
+    # `train` may then re-execute the process (to choose its C allocator)
+    args.process_entry = argv_given is None
     try:
         return args.func(args, extra)
     except KeyboardInterrupt:

@@ -160,11 +160,12 @@ class TrainArgs:
     gradient_checkpointing: str = "auto"
     """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant):
     ``true``, ``false``, or ``auto`` (on when ``chinese-vicuna plan`` predicts the run would not fit the device)."""
-    heap_trim: Literal["step", "micro_batch", "off"] = "step"
-    """On the CPU, give the C heap's freed memory back to the system after every optimizer step (``step``),
-    after every micro-batch too (``micro_batch``: a lower peak under mixed lengths, slower), or never
-    (``off``). With mixed sample lengths glibc otherwise keeps freed blocks and the peak creeps far above
-    what the tensors need. Ignored on CUDA and where the C library has no ``malloc_trim``."""
+    cpu_allocator: Literal["auto", "jemalloc", "glibc"] = "auto"
+    """The C allocator of a ``train`` process (it holds every CPU tensor). ``auto``: jemalloc where it is
+    installed (Linux: ``apt-get install libjemalloc2``; ``make install`` does), else the C library's;
+    ``jemalloc``: an error if it is missing; ``glibc``: the C library's. Under mixed sample lengths glibc's
+    heap fragments (the demo run peaked 80% above its live tensors) and the memory plan cannot hold;
+    jemalloc stays at the live size. ``train`` re-executes itself once with ``LD_PRELOAD`` to switch."""
     fast_kernels: bool = True
     """Swap in the trainer's kernels (low-memory eager attention, RMSNorm and SwiGLU that keep less for
     backward, faster LoRA dropout): the same maths as the stock modules. ``false`` trains the stock HF/PEFT modules."""

@@ -198,3 +198,60 @@ def test_plan_is_within_15_percent_of_the_recorded_gpu_peaks(results, base):
         predicted = plan_run(cfg, model_config(cfg)[1], None, device="cuda").at().peak_mib
         errors.append((predicted - r["measured_mib"]) / r["measured_mib"])
     assert len(errors) >= 8 and max(map(abs, errors)) < 0.15, [f"{e:+.1%}" for e in errors]
+
+
+def _saved_bytes(model_dir, layers: int, tmp_path, **kw) -> tuple[int, object]:
+    """Bytes autograd keeps for backward (distinct storages, parameters excluded) in one forward of a
+    4 x 48 batch through the trainer's own model setup (kernels, LoRA, dropout)."""
+    import json
+    import shutil
+
+    from chinese_vicuna.train.loss import CausalLMLoss
+    from chinese_vicuna.train.trainer import Trainer
+
+    d = tmp_path / f"layers{layers}"
+    shutil.copytree(model_dir, d)
+    cfg_json = json.loads((d / "config.json").read_text())
+    cfg_json["num_hidden_layers"] = layers
+    (d / "config.json").write_text(json.dumps(cfg_json))
+    # a model of more layers than the folder holds gets fresh random ones: the shapes are what matter here
+    cfg = cfg_for(str(d), output_dir=tmp_path / "out", **kw)
+    t = Trainer(cfg, progress_bar=False)
+    t.setup_accelerator()
+    t.setup_model()
+    t.setup_adapters()
+    params = {p.untyped_storage().data_ptr() for p in t.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return x
+
+    ids = torch.randint(3, 200, (4, 48))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), t.accelerator.autocast():
+        CausalLMLoss(t.model, 256)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    return sum(seen.values()), cfg
+
+
+@pytest.mark.parametrize("kw", [
+    dict(lora_dropout=0.05, lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    dict(lora_dropout=0.0, lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    dict(lora_dropout=0.1, lora_target_modules="q_proj,v_proj"),
+    dict(lora_dropout=0.05, finetuning="full"),
+])
+def test_activation_count_is_what_autograd_keeps_per_layer(tiny_model_dir, tmp_path, kw):
+    """The planner's kept activations of one decoder layer (per token: norm inputs, q/k/v, gate/up, LoRA A
+    outputs, the linear inputs a trained weight needs, dropout copies and masks, attention probabilities)
+    equal the bytes autograd saves: the difference between a 4-layer and a 2-layer model, measured with
+    saved-tensor hooks."""
+    two, cfg = _saved_bytes(tiny_model_dir, 2, tmp_path / "a", **kw)
+    four, _ = _saved_bytes(tiny_model_dir, 4, tmp_path / "b", **kw)
+    rp = plan_run(cfg, model_config(cfg)[1], None, device="cpu")
+    one_layer = rp.at(micro_batch=4, seq=48, checkpointing=False).parts["activations (all layers)"] / rp.shape.layers
+    from chinese_vicuna.train.plan import ACTIVATION_FACTOR
+
+    predicted = one_layer / ACTIVATION_FACTOR
+    measured = (four - two) / 2
+    assert abs(predicted - measured) / measured < 0.005, (predicted, measured)

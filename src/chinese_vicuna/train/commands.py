@@ -22,6 +22,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .trainer import run_training
 
     cfg = load_config(args.config, extra)
+    if getattr(args, "process_entry", False) and cfg.train.launcher == "local":
+        from . import heap
+
+        lib = heap.wanted(cfg.train.cpu_allocator)
+        if lib:  # before torch allocates anything: the whole run on jemalloc (same process ID)
+            heap.reexec_with(lib)
     if cfg.train.launcher == "ray":
         from .launch_ray import run_ray
 

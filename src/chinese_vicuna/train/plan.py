@@ -54,7 +54,7 @@ CPU_TRAIN_MIB = 110
 # the recomputed scores). bitsandbytes' 8-bit matmul keeps about 5 bytes per element of each layer's distinct
 # linear inputs (measured: LLaMA-7B's shape at 1,024 and 4,096 tokens, without checkpointing, and with the
 # non-reentrant checkpointing that could not free them).
-ACTIVATION_FACTOR = 1.09
+ACTIVATION_FACTOR = 1.0
 ACTIVATION_FACTOR_CUDA = 0.93
 ATTENTION_BACKWARD = 5.7
 INT8_KEPT_BYTES = 5.0
@@ -238,6 +238,41 @@ def _targets(cfg: TrainConfig, shape: Shape) -> list[str]:
     return [t for t in targets if t in shape.linear_shapes()]
 
 
+# The four distinct inputs of a decoder layer's linear layers, and the modules that read each.
+LINEAR_INPUTS = {"attention input": ("q_proj", "k_proj", "v_proj"), "attention output": ("o_proj",),
+                 "MLP input": ("gate_proj", "up_proj"), "MLP down input": ("down_proj",)}
+
+
+def kept_inputs(cfg: TrainConfig, shape: Shape, compute_bytes: int) -> float:
+    """Bytes per token and layer that the linear layers keep of their inputs for backward.
+
+    A frozen base weight needs only itself for the input's gradient, so its input is kept only where a
+    weight that reads it trains: every weight in a full fine-tune (the input once); a LoRA A (the input
+    once, shared by the modules that read it) when lora_dropout is 0; otherwise each LoRA module keeps its
+    own dropped copy and the dropout's keep-mask (1 byte, or the compute dtype's 2 under 16-bit autocast:
+    see train/kernels.py's FastDropout). bitsandbytes' 8-bit matmul keeps more (counted apart).
+    """
+    lin = shape.linear_shapes()
+    targets = set(list(lin) if cfg.lora.finetuning == "full" else _targets(cfg, shape))
+    dropout = cfg.lora.finetuning != "full" and cfg.lora.lora_dropout > 0
+    if cfg.model.quantization != "none":
+        # A k-bit base (fp32 residual stream, bitsandbytes' matmuls) measured as if every linear input were
+        # kept, plus each LoRA module's dropped copy: fitted to SmolLM2 and LLaMA-7B's peaks on an H200
+        # (benchmarks/results/plan*-cuda.json) and on the CPU.
+        h, i = shape.hidden, shape.intermediate
+        copies = sum(lin[m][0] for m in targets) if dropout else 0
+        return (2 * h + shape.q_dim + i + copies) * compute_bytes
+    mask_bytes = 1 if compute_bytes == 4 else compute_bytes
+    total = 0.0
+    for readers in LINEAR_INPUTS.values():
+        mine = [m for m in readers if m in targets]
+        if not mine:
+            continue
+        width = lin[mine[0]][0]
+        total += width * ((compute_bytes + mask_bytes) * len(mine) if dropout else compute_bytes)
+    return total
+
+
 def estimate(
     cfg: TrainConfig,
     shape: Shape,
@@ -282,18 +317,15 @@ def estimate(
     parts["gradients (fp32)"] = trainable * 4
     parts["AdamW state (fp32 x2)"] = trainable * 8
 
-    # ---- activations kept for backward, per token and decoder layer (elements of the compute dtype):
-    # norm inputs (2h), attention input (h), q/k/v after RoPE (q + 2kv), attention output (q),
-    # MLP input (h), gate and up (2i), down input (i); LoRA dropout keeps a masked copy of each
-    # adapted module's input. Eager kernels also keep the attention probabilities (heads x seq).
-    # With a k-bit base, peft keeps embeddings and norms in fp32: the residual stream (the norms' inputs,
-    # the checkpointed layer inputs) is fp32.
+    # ---- activations kept for backward, per token and decoder layer: each norm's input (the residual
+    # stream, 2h; it is fp32 with a k-bit base, whose embeddings and norms peft keeps in fp32) and its fp32
+    # inverse RMS, q/k/v after RoPE (q + 2kv), gate and up (2i, the SwiGLU's inputs), each LoRA A's output (r) and what the linear
+    # layers keep of their inputs (kept_inputs). Eager kernels also keep the attention probabilities.
     resid_bytes = 4 if q != "none" else compute_bytes
     lin = shape.linear_shapes()
     n_lora = 0 if full else len(_targets(cfg, shape))
-    lora_in = sum(lin[t][0] for t in _targets(cfg, shape)) if not full and cfg.lora.lora_dropout > 0 else 0
-    lora_in += n_lora * cfg.lora.lora_r
-    per_token = (2 * h * resid_bytes + (2 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 3 * i + lora_in) * compute_bytes)
+    per_token = (2 * h * resid_bytes + 2 * 4 + (shape.q_dim + 2 * shape.kv_dim + 2 * i + n_lora * cfg.lora.lora_r) * compute_bytes
+                 + kept_inputs(cfg, shape, compute_bytes))
     attn_probs = shape.heads * seq * compute_bytes if attention in ("eager", "lowmem_eager") else 0
     tokens = micro_batch * seq
     factor = ACTIVATION_FACTOR_CUDA if device == "cuda" else ACTIVATION_FACTOR
@@ -471,13 +503,25 @@ def measured_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def compare_line(predicted_mib: float) -> str:
     """``memory: predicted N MiB, measured M MiB (+x%)``, with a warning past 25%."""
     measured = measured_peak_mib()
     diff = (measured - predicted_mib) / max(predicted_mib, 1)
     line = f"memory: predicted peak {predicted_mib:.0f} MiB, measured {measured:.0f} MiB ({diff:+.0%})"
     if abs(diff) > 0.25:
-        line += " -- warning: the plan is off by more than 25% (please report it with `chinese-vicuna plan`'s output)"
+        from .heap import loaded_allocator
+
+        if diff > 0 and not torch_cuda() and loaded_allocator() == "glibc":
+            line += (" -- glibc's malloc fragments under mixed lengths: install jemalloc (Debian/Ubuntu: apt-get install "
+                     "libjemalloc2) and keep cpu_allocator: auto for a peak near the plan")
+        else:
+            line += " -- warning: the plan is off by more than 25% (please report it with `chinese-vicuna plan`'s output)"
     return line
 
 

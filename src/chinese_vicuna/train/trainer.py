@@ -133,7 +133,8 @@ class Trainer:
         engine = acc.distributed_type.value
         if acc.is_main_process:
             shown = "single process" if engine == "NO" else engine  # accelerate's name for no distribution is "NO"
-            print(f"engine: {shown}, {self.world} process{'es' if self.world > 1 else ''} on {acc.device.type}")
+            print(f"engine: {shown}, {self.world} process{'es' if self.world > 1 else ''} on {acc.device.type}"
+                  + (f", allocator {heap.loaded_allocator()}" if acc.device.type == "cpu" else ""))
             for name, on in asked.items():
                 if on and engine != name:  # accelerate's FSDP/DeepSpeed need an accelerator; it says nothing itself
                     print(f"warning: the launch config asks for {name}, but accelerate runs {engine} on "
@@ -345,9 +346,8 @@ class Trainer:
         metrics: dict = {}
         # SIGTERM / Ctrl-C / a STOP file: finish the step, write a checkpoint, return (resume continues it)
         stop = StopRequest(t.output_dir, acc)
-        # the C heap's freed blocks back to the system (CPU only: CUDA memory is torch's caching allocator's)
-        trim_step = t.heap_trim != "off" and acc.device.type == "cpu" and heap.can_trim()
-        trim_micro = trim_step and t.heap_trim == "micro_batch"
+        # glibc's malloc (no jemalloc): its heap's freed pages back to the system after each step
+        trim_step = acc.device.type == "cpu" and heap.loaded_allocator() == "glibc"
         self.stopped_at: int | None = None
         try:  # an exception in the loop (a callback, Ctrl-C twice) must not leave our handlers installed
             for step in range(start, self.total_steps):
@@ -368,8 +368,6 @@ class Trainer:
                         # mean over the trained tokens (pairs) of the whole step, on every process
                         acc.backward(loss_sum * self.world / n_global.clamp(min=1))
                     step_loss += loss_sum.detach()
-                    if trim_micro and not last:
-                        heap.trim()
                     mask = batch.get("attention_mask")
                     log.tokens(int(mask.sum()) if mask is not None else batch["input_ids"].numel(), 0)
                 log.tokens(0, sum(self.objective.trained_tokens(b) for b in batches))
