@@ -367,6 +367,8 @@ def estimate(
             parts["bitsandbytes quantization (CPU heap)"] = shape.total_params() * 2
             # its 16-bit staging copy while loading: measured between none and all of it resident at the peak
             model_bytes += shape.total_params() * 1
+        if q == "none" and abs(file_bytes - model_bytes) <= 0.01 * model_bytes:
+            model_bytes = 0  # the file's dtype is the weights': transformers maps them from the file, no copy
         # loading maps the checkpoint file (its pages count as resident) while building the weights
         plan.floor = CPU_BASE_MIB * MIB + file_bytes + model_bytes
     return plan
