@@ -27,11 +27,107 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class TensorBoardSink:
+    """TensorBoard event files in ``output_dir/runs``."""
+
+    def __init__(self, out: Path, config: dict | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "runs"))
+        self.where = f"tensorboard --logdir {out / 'runs'}"
+
+    def log(self, row: dict, scalars: dict[str, float], step: int) -> None:
+        for k, v in scalars.items():
+            if k != "epoch":
+                self.writer.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", v, step)
+
+    def close(self, state: str) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run (project ``WANDB_PROJECT``, default chinese-vicuna)."""
+
+    def __init__(self, out: Path, config: dict | None):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "chinese-vicuna"), config=config)
+        self.where = getattr(self.run, "url", None) or "wandb"
+
+    def log(self, row: dict, scalars: dict[str, float], step: int) -> None:
+        self.run.log(row, step=step)
+
+    def close(self, state: str) -> None:
+        self.run.finish()
+
+
+class SwanLabSink:
+    """A SwanLab run; offline (a log folder ``swanlog`` that ``swanlab sync`` uploads later) unless
+    ``SWANLAB_MODE`` says otherwise or ``SWANLAB_API_KEY`` is set (then cloud)."""
+
+    def __init__(self, out: Path, config: dict | None):
+        try:
+            import swanlab
+        except ImportError:
+            raise ImportError("report_to swanlab needs SwanLab: pip install 'chinese-vicuna[swanlab]'") from None
+        mode = os.environ.get("SWANLAB_MODE") or ("cloud" if os.environ.get("SWANLAB_API_KEY") else "offline")
+        logdir = out / "swanlog"
+        self.run = swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "chinese-vicuna"),
+                                experiment_name=out.name, config=config or {}, mode=mode, logdir=str(logdir))
+        self.where = f"swanlab sync {logdir} (offline log)"
+        if mode == "cloud":
+            url = getattr(getattr(getattr(self.run, "public", None), "cloud", None), "experiment_url", None)
+            self.where = str(url) if url else "swanlab (cloud)"
+
+    def log(self, row: dict, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self, state: str) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """An MLflow run: ``MLFLOW_TRACKING_URI`` if set, else a file store ``mlruns`` in the output folder."""
+
+    def __init__(self, out: Path, config: dict | None):
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ImportError("report_to mlflow needs MLflow: pip install 'chinese-vicuna[mlflow]'") from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps the file store in "maintenance mode" behind this switch; it needs no
+            # database server, which is what a local run wants.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "chinese-vicuna")
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=out.name).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in (config or {}).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.where = f"mlflow ui --backend-store-uri {uri} (run {self.run_id})"
+
+    def log(self, row: dict, scalars: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ms = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in scalars.items()])
+
+    def close(self, state: str) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if state == "finished" else "KILLED")
+
+
+SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "swanlab": SwanLabSink, "mlflow": MlflowSink}
+"""The trackers ``report_to`` names, one sink each: ``log(row, scalars, step)``, ``close(state)``, ``where``."""
+
+
 class TrainLogger:
     """Everything the loop reports goes through here (main process only)."""
 
     FIELDS = ["step", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s", "peak_mem_mb"]
-    TRACKERS = ("tensorboard", "wandb", "swanlab", "mlflow")
     STATUS_EVERY_S = 0.5
     """status.json is rewritten at most this often while steps advance (and always at log/close)."""
 
@@ -51,10 +147,7 @@ class TrainLogger:
         self.dir = Path(output_dir)
         self.total = total_steps
         self.bar = None
-        self.tb = None
-        self.wandb = None
-        self.swanlab = None
-        self.mlflow = None  # (client, run_id)
+        self.sinks: list = []
         self.t0 = time.perf_counter()
         self.step = start_step
         self.status: dict = {}
@@ -66,41 +159,8 @@ class TrainLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "metrics.csv"
-        if start_step == 0 or not self.csv_path.exists():
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(self.FIELDS)
-        else:  # resumed: keep the rows up to the checkpoint, forget the lost ones after it
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-            self.history = [{k: v for k, v in r.items() if v != ""} for r in rows]
-            tmp = self.csv_path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, self.FIELDS)
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, self.csv_path)
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.dir / "runs"))
-            except ImportError:
-                print("tensorboard is not installed; logging to CSV only")
-        unknown = [r for r in report_to if r not in (*self.TRACKERS, "none")]
-        if unknown:
-            print(f"report_to: unknown tracker(s) {', '.join(unknown)} (known: {', '.join(self.TRACKERS)}, none)")
-        trackers: dict[str, str] = {}
-        if self.tb:
-            trackers["tensorboard"] = f"tensorboard --logdir {self.dir / 'runs'}"
-        if "wandb" in report_to:
-            import wandb
-
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "chinese-vicuna"), config=config)
-            trackers["wandb"] = getattr(self.wandb, "url", None) or "wandb"
-        if "swanlab" in report_to:
-            trackers["swanlab"] = self._start_swanlab(config)
-        if "mlflow" in report_to:
-            trackers["mlflow"] = self._start_mlflow(config)
+        self._open_csv(start_step)
+        trackers = self._start_sinks(report_to, config)
         self.status = {"state": "running", "pid": os.getpid(), "step": start_step, "start_step": start_step,
                        "total_steps": total_steps, "started_at": time.time(), "trackers": trackers}
         self.write_status()
@@ -108,44 +168,40 @@ class TrainLogger:
             total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True, disable=not show_bar
         )
 
-    def _start_swanlab(self, config: dict | None) -> str:
-        """SwanLab run; offline (a log folder ``swanlog`` that ``swanlab sync`` uploads later) unless
-        ``SWANLAB_MODE`` says otherwise or ``SWANLAB_API_KEY`` is set (then cloud)."""
-        try:
-            import swanlab
-        except ImportError:
-            raise ImportError("report_to swanlab needs SwanLab: pip install 'chinese-vicuna[swanlab]'") from None
-        mode = os.environ.get("SWANLAB_MODE") or ("cloud" if os.environ.get("SWANLAB_API_KEY") else "offline")
-        logdir = self.dir / "swanlog"
-        self.swanlab = swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "chinese-vicuna"),
-                                    experiment_name=self.dir.name, config=config or {}, mode=mode, logdir=str(logdir))
-        if mode == "cloud":
-            url = getattr(getattr(getattr(self.swanlab, "public", None), "cloud", None), "experiment_url", None)
-            return str(url) if url else "swanlab (cloud)"
-        return f"swanlab sync {logdir} (offline log)"
+    def _open_csv(self, start_step: int) -> None:
+        """metrics.csv: a new header, or (resumed) the rows up to the checkpoint without the lost ones after it."""
+        if start_step == 0 or not self.csv_path.exists():
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+            return
+        with open(self.csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.history = [{k: v for k, v in r.items() if v != ""} for r in rows]
+        tmp = self.csv_path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv_path)
 
-    def _start_mlflow(self, config: dict | None) -> str:
-        """An MLflow run: ``MLFLOW_TRACKING_URI`` if set, else a file store ``mlruns`` in the output folder."""
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ImportError("report_to mlflow needs MLflow: pip install 'chinese-vicuna[mlflow]'") from None
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.dir / "mlruns").resolve().as_uri()
-        if uri.startswith("file:"):
-            # MLflow 3 keeps the file store in "maintenance mode" behind this switch; it needs no
-            # database server, which is what a local run wants.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        client = MlflowClient(uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "chinese-vicuna")
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
-        run = client.create_run(exp_id, run_name=self.dir.name)
-        params = [Param(k, str(v)[:6000]) for k, v in (config or {}).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run.info.run_id, params=params[i : i + 100])
-        self.mlflow = (client, run.info.run_id)
-        return f"mlflow ui --backend-store-uri {uri} (run {run.info.run_id})"
+    def _start_sinks(self, report_to: list[str], config: dict | None) -> dict[str, str]:
+        """One sink per tracker in ``report_to``; returns {tracker: how to view it} for status.json."""
+        unknown = [r for r in report_to if r not in (*SINKS, "none")]
+        if unknown:
+            print(f"report_to: unknown tracker(s) {', '.join(unknown)} (known: {', '.join(SINKS)}, none)")
+        trackers: dict[str, str] = {}
+        for name, sink in SINKS.items():
+            if name not in report_to:
+                continue
+            try:
+                self.sinks.append(sink(self.dir, config))
+            except ImportError:
+                if name != "tensorboard":
+                    raise
+                print("tensorboard is not installed; logging to CSV only")
+                continue
+            trackers[name] = self.sinks[-1].where
+        return trackers
 
     def write_status(self, **changes) -> None:
         """Update ``status.json`` atomically (main process only)."""
@@ -177,21 +233,9 @@ class TrainLogger:
             return row
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, self.FIELDS, extrasaction="ignore").writerow(row)
-        for k, v in row.items():
-            if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", v, step)
         scalars = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        if self.wandb:
-            self.wandb.log(row, step=step)
-        if self.swanlab:
-            self.swanlab.log(scalars, step=step)
-        if self.mlflow:
-            from mlflow.entities import Metric
-
-            client, run_id = self.mlflow
-            ms = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ms, step) for k, v in scalars.items()])
+        for sink in self.sinks:
+            sink.log(row, scalars, step)
         self.write_status(step=step)
         if self.bar is not None:
             shown = {k: row[k] for k in ("loss", "val_loss", "rewards/margins", "rewards/accuracies", "lr", "tokens_per_s") if k in row}
@@ -211,15 +255,8 @@ class TrainLogger:
         """End the trackers; ``state`` (``finished`` or ``stopped``) goes into status.json."""
         if self.bar is not None:
             self.bar.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-        if self.swanlab:
-            self.swanlab.finish()
-        if self.mlflow:
-            client, run_id = self.mlflow
-            client.set_terminated(run_id, "FINISHED" if state == "finished" else "KILLED")
+        for sink in self.sinks:
+            sink.close(state)
         if self.enabled:
             plot_loss(self.history, self.dir / "loss.png")
             self.write_status(state=state, step=self.step)
