@@ -152,6 +152,9 @@ def main() -> None:
     if torch.cuda.is_available():
         machine = torch.cuda.get_device_name() + ", " + machine
     model = args.model or "SmolLM2-135M-Instruct (embedded)"
+    dtype = "cuda" if torch.cuda.is_available() else ("bfloat16" if cpu_has_native_bf16() else "float32")
+    for r in rows:
+        r.setdefault("dtype", dtype)  # what `auto` chose: the planner test replays the runs with it
     result = dict(machine=machine, model=model, runs=rows)
     out = args.json or ROOT / "benchmarks" / "results" / ("plan-cuda.json" if torch.cuda.is_available() else "plan.json")
     out.parent.mkdir(parents=True, exist_ok=True)

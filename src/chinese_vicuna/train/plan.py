@@ -43,20 +43,21 @@ KNOWN_SHAPES = {
     "llama-65b": dict(hidden=8192, intermediate=22016, layers=80, heads=64, kv_heads=64, vocab=32000, context=2048),
 }
 
-# Fitted to the trainer's measured peaks on the CPU (benchmarks/bench_plan.py, SmolLM2 LoRA at cutoff 256
-# and 2048, checkpointing off and on): resident size of the process before the model is loaded (Python,
-# torch, transformers, peft, accelerate, tokenizer), and what training adds besides tensors (data, autograd).
-CPU_BASE_MIB = 450
-CPU_TRAIN_MIB = 110
-# Kept activations come out 9% above the tensors counted below on the CPU (masks, views kept alive, allocator
-# rounding) and 7% under them on CUDA (fitted to an H200's peaks: benchmarks/results/plan*-cuda.json); a layer's
-# backward needs about 5.7x its attention probabilities at once (their gradient, the fp32 softmax backward and
-# the recomputed scores). bitsandbytes' 8-bit matmul keeps about 5 bytes per element of each layer's distinct
-# linear inputs (measured: LLaMA-7B's shape at 1,024 and 4,096 tokens, without checkpointing, and with the
-# non-reentrant checkpointing that could not free them).
+# The resident size of a training process before the model is loaded (Python, torch, transformers, peft,
+# accelerate, the tokenizer): measured 412 MiB on the CPU with jemalloc and with glibc.
+CPU_BASE_MIB = 410
+# Kept activations are exactly the tensors counted below on the CPU (a test compares them with what autograd
+# saves, layer by layer) and 7% under them on CUDA (fitted to an H200's peaks: benchmarks/results/plan*-cuda.json).
+# A layer's backward needs, at once, the attention probabilities' gradient, the softmax backward and the
+# recomputed scores: 16 bytes per probability in fp32; under 16-bit autocast 5.7x the 2-byte probabilities
+# (the softmax backward runs in fp32; fitted on an AVX512-BF16 CPU), twice that with a k-bit base. bitsandbytes'
+# 8-bit matmul keeps about 5 bytes per element of each layer's distinct linear inputs (measured: LLaMA-7B's
+# shape at 1,024 and 4,096 tokens, without checkpointing, and with the non-reentrant checkpointing that could
+# not free them).
 ACTIVATION_FACTOR = 1.0
 ACTIVATION_FACTOR_CUDA = 0.93
 ATTENTION_BACKWARD = 5.7
+ATTENTION_BACKWARD_FP32 = 4.0
 INT8_KEPT_BYTES = 5.0
 # CUDA: the context (kernels, cuBLAS workspace) and the caching allocator's rounding/fragmentation of what
 # training allocates (the weights are a few large blocks, loaded once).
@@ -255,10 +256,10 @@ def kept_inputs(cfg: TrainConfig, shape: Shape, compute_bytes: int) -> float:
     lin = shape.linear_shapes()
     targets = set(list(lin) if cfg.lora.finetuning == "full" else _targets(cfg, shape))
     dropout = cfg.lora.finetuning != "full" and cfg.lora.lora_dropout > 0
-    if cfg.model.quantization != "none":
-        # A k-bit base (fp32 residual stream, bitsandbytes' matmuls) measured as if every linear input were
-        # kept, plus each LoRA module's dropped copy: fitted to SmolLM2 and LLaMA-7B's peaks on an H200
-        # (benchmarks/results/plan*-cuda.json) and on the CPU.
+    if cfg.model.quantization != "none" and compute_bytes == 2:
+        # A k-bit base under 16-bit autocast (its fp32 residual stream cast for every matmul) measured as if
+        # every linear input were kept, plus each LoRA module's dropped copy: fitted to SmolLM2 and LLaMA-7B's
+        # peaks on an H200 (benchmarks/results/plan*-cuda.json). In fp32 nothing is cast: counted as above.
         h, i = shape.hidden, shape.intermediate
         copies = sum(lin[m][0] for m in targets) if dropout else 0
         return (2 * h + shape.q_dim + i + copies) * compute_bytes
@@ -271,6 +272,73 @@ def kept_inputs(cfg: TrainConfig, shape: Shape, compute_bytes: int) -> float:
         width = lin[mine[0]][0]
         total += width * ((compute_bytes + mask_bytes) * len(mine) if dropout else compute_bytes)
     return total
+
+
+def _weights_and_state(cfg: TrainConfig, shape: Shape, weight_bytes: int) -> dict[str, float]:
+    """Frozen (or trained) weights by storage, the trainable parameters, their gradients and AdamW state."""
+    q, full, L = cfg.model.quantization, cfg.lora.finetuning == "full", shape.layers
+    # bitsandbytes quantizes the decoder's linear layers; embeddings, norms and lm_head stay in the compute
+    # dtype. NF4 with double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks.
+    linear = L * shape.layer_linear_params()
+    other = shape.total_params() - linear
+    # peft's k-bit preparation keeps the unquantized rest (embeddings, norms) in fp32.
+    per_linear = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0 + 4 / shape.hidden}.get(q, weight_bytes)
+    other_bytes = 4 if q != "none" else weight_bytes
+    parts = {"weights (frozen)" if not full else "weights (trained, fp32)": linear * per_linear + other * other_bytes}
+    # trainable parameters: LoRA A/B of each target module (fp32), modules_to_save copies
+    if full:
+        trainable = shape.total_params()
+    else:
+        r, lin = cfg.lora.lora_r, shape.linear_shapes()
+        trainable = L * sum(r * (lin[t][0] + lin[t][1]) for t in _targets(cfg, shape))
+        for m in cfg.lora.modules_to_save or []:
+            if m in ("embed_tokens", "lm_head"):
+                trainable += shape.embed_params()
+        parts["LoRA parameters (fp32)"] = trainable * 4
+    parts["gradients (fp32)"] = trainable * 4
+    parts["AdamW state (fp32 x2)"] = trainable * 8
+    return parts
+
+
+def _activations(cfg: TrainConfig, shape: Shape, tokens: int, seq: int, checkpointing: bool, device: str,
+                 attention: str, compute_bytes: int) -> dict[str, float]:
+    """What the forward keeps for backward, the backward's largest transient and the fused loss's chunk."""
+    q, full = cfg.model.quantization, cfg.lora.finetuning == "full"
+    L, h, i = shape.layers, shape.hidden, shape.intermediate
+    # per token and decoder layer: each norm's input (the residual stream, 2h; it is fp32 with a k-bit base,
+    # whose embeddings and norms peft keeps in fp32) and its fp32 inverse RMS, q/k/v after RoPE (q + 2kv), gate
+    # and up (2i, the SwiGLU's inputs), each LoRA A's output (r) and what the linear layers keep of their
+    # inputs (kept_inputs). Eager kernels also keep the attention probabilities.
+    resid_bytes = 4 if q != "none" else compute_bytes
+    n_lora = 0 if full else len(_targets(cfg, shape))
+    per_token = (2 * h * resid_bytes + 2 * 4
+                 + (shape.q_dim + 2 * shape.kv_dim + 2 * i + n_lora * cfg.lora.lora_r) * compute_bytes
+                 + kept_inputs(cfg, shape, compute_bytes))
+    attn_probs = shape.heads * seq * compute_bytes if attention in ("eager", "lowmem_eager") else 0
+    factor = ACTIVATION_FACTOR_CUDA if device == "cuda" else ACTIVATION_FACTOR
+    one_layer = tokens * (per_token + attn_probs) * factor
+    parts: dict[str, float] = {}
+    if checkpointing:
+        # only each layer's input is kept; backward recomputes one layer at a time
+        parts["activations (checkpointed inputs)"] = L * tokens * h * resid_bytes
+        parts["activations (one recomputed layer)"] = one_layer
+    else:
+        parts["activations (all layers)"] = L * one_layer
+    if q == "8bit" and not checkpointing:
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors / ctx.A): every
+        # layer's distinct linear inputs stay until backward. (With checkpointing, which is reentrant for an
+        # 8-bit base, the layers' forwards run without autograd and keep nothing.)
+        parts["8-bit matmul inputs (kept by bitsandbytes)"] = L * tokens * (2 * h + shape.q_dim + i) * INT8_KEPT_BYTES
+    # the largest transient of a layer's backward: the attention probabilities' gradient and softmax
+    # backward (eager kernels), or the MLP's intermediate gradients. Under 16-bit autocast with a k-bit base,
+    # the residual stream and the backward's transients are fp32: twice the workspace (measured: QLoRA at
+    # 2048 tokens, with and without checkpointing).
+    attn_backward = ATTENTION_BACKWARD_FP32 if compute_bytes == 4 else ATTENTION_BACKWARD * (2 if q != "none" else 1)
+    parts["backward workspace"] = tokens * max(attn_backward * attn_probs, 3 * i * compute_bytes) + tokens * h * 4 * 2
+    # the fused loss: final hidden states, one chunk of fp32 logits with its softmax and gradient
+    chunk = min(cfg.train.loss_chunk_size or tokens, tokens)
+    parts["logits chunk"] = chunk * shape.vocab * 4 * 3 + tokens * h * 4
+    return parts
 
 
 def estimate(
@@ -288,89 +356,27 @@ def estimate(
 ) -> Plan:
     """Memory of one training step at ``micro_batch`` rows of ``seq`` tokens (padded length)."""
     q = cfg.model.quantization
-    full = cfg.lora.finetuning == "full"
-    L, h, i = shape.layers, shape.hidden, shape.intermediate
     plan = Plan(device=device, checkpointing=checkpointing, tokens=micro_batch * seq, seq=seq)
     file_bytes = file_bytes or shape.total_params() * 2
-    parts = plan.parts
-
-    # ---- weights. bitsandbytes quantizes the decoder's linear layers; embeddings, norms and lm_head stay
-    # in the compute dtype. NF4 with double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks.
-    linear = L * shape.layer_linear_params()
-    other = shape.total_params() - linear
-    # peft's k-bit preparation keeps the unquantized rest (embeddings, norms) in fp32.
-    per_linear = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0 + 4 / h}.get(q, weight_bytes)
-    other_bytes = 4 if q != "none" else weight_bytes
-    parts["weights (frozen)" if not full else "weights (trained, fp32)"] = linear * per_linear + other * other_bytes
-
-    # ---- trainable parameters: LoRA A/B of each target module (fp32), modules_to_save copies
-    if full:
-        trainable = shape.total_params()
-    else:
-        r = cfg.lora.lora_r
-        lin = shape.linear_shapes()
-        trainable = L * sum(r * (lin[t][0] + lin[t][1]) for t in _targets(cfg, shape))
-        for m in cfg.lora.modules_to_save or []:
-            if m in ("embed_tokens", "lm_head"):
-                trainable += shape.embed_params()
-        parts["LoRA parameters (fp32)"] = trainable * 4
-    parts["gradients (fp32)"] = trainable * 4
-    parts["AdamW state (fp32 x2)"] = trainable * 8
-
-    # ---- activations kept for backward, per token and decoder layer: each norm's input (the residual
-    # stream, 2h; it is fp32 with a k-bit base, whose embeddings and norms peft keeps in fp32) and its fp32
-    # inverse RMS, q/k/v after RoPE (q + 2kv), gate and up (2i, the SwiGLU's inputs), each LoRA A's output (r) and what the linear
-    # layers keep of their inputs (kept_inputs). Eager kernels also keep the attention probabilities.
-    resid_bytes = 4 if q != "none" else compute_bytes
-    lin = shape.linear_shapes()
-    n_lora = 0 if full else len(_targets(cfg, shape))
-    per_token = (2 * h * resid_bytes + 2 * 4 + (shape.q_dim + 2 * shape.kv_dim + 2 * i + n_lora * cfg.lora.lora_r) * compute_bytes
-                 + kept_inputs(cfg, shape, compute_bytes))
-    attn_probs = shape.heads * seq * compute_bytes if attention in ("eager", "lowmem_eager") else 0
-    tokens = micro_batch * seq
-    factor = ACTIVATION_FACTOR_CUDA if device == "cuda" else ACTIVATION_FACTOR
-    one_layer = tokens * (per_token + attn_probs) * factor
-    if checkpointing:
-        # only each layer's input is kept; backward recomputes one layer at a time
-        parts["activations (checkpointed inputs)"] = L * tokens * h * resid_bytes
-        parts["activations (one recomputed layer)"] = one_layer
-    else:
-        parts["activations (all layers)"] = L * one_layer
-    if q == "8bit" and not checkpointing:
-        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors / ctx.A): every
-        # layer's distinct linear inputs stay until backward. (With checkpointing, which is reentrant for an
-        # 8-bit base, the layers' forwards run without autograd and keep nothing.)
-        parts["8-bit matmul inputs (kept by bitsandbytes)"] = (
-            L * tokens * (2 * h + shape.q_dim + i) * INT8_KEPT_BYTES)
-    # the largest transient of a layer's backward: the attention probabilities' gradient and softmax
-    # backward (eager kernels), or the MLP's intermediate gradients
-    # With a k-bit base, peft keeps embeddings and norms in fp32, so the residual stream and the backward's
-    # transients are fp32: twice the workspace (measured: QLoRA at 2048 tokens, with and without checkpointing).
-    attn_backward = ATTENTION_BACKWARD * (2 if q != "none" else 1)
-    parts["backward workspace"] = (tokens * max(attn_backward * attn_probs, 3 * i * compute_bytes)
-                                   + tokens * h * 4 * 2)
-    # the fused loss: final hidden states, one chunk of fp32 logits with its softmax and gradient
-    chunk = min(cfg.train.loss_chunk_size or tokens, tokens)
-    parts["logits chunk"] = chunk * shape.vocab * 4 * 3 + tokens * h * 4
-
+    parts = _weights_and_state(cfg, shape, weight_bytes)
+    parts.update(_activations(cfg, shape, micro_batch * seq, seq, checkpointing, device, attention, compute_bytes))
     if device == "cuda":
         # the weights are a few large blocks, loaded once: the allocator's slack is in what training allocates
         parts = {k: v if k.startswith("weights") else v * CUDA_ALLOCATOR_SLACK for k, v in parts.items()}
         parts["CUDA context"] = CUDA_CONTEXT_MIB * MIB
-        plan.parts = parts
     else:
         parts["framework overhead (process)"] = CPU_BASE_MIB * MIB
-        parts["framework overhead (training)"] = CPU_TRAIN_MIB * MIB
         model_bytes = shape.total_params() * weight_bytes
         if q != "none":
-            # bitsandbytes quantizes on the CPU through a 16-bit copy; the freed blocks stay with the allocator
+            # bitsandbytes quantizes on the CPU through a 16-bit copy; the allocator keeps the freed blocks
             parts["bitsandbytes quantization (CPU heap)"] = shape.total_params() * 2
-            # its 16-bit staging copy while loading: measured between none and all of it resident at the peak
-            model_bytes += shape.total_params() * 1
-        if q == "none" and abs(file_bytes - model_bytes) <= 0.01 * model_bytes:
+            # while loading: its staging copy, about half of it resident at the peak
+            model_bytes = shape.total_params() * 1
+        elif abs(file_bytes - model_bytes) <= 0.01 * model_bytes:
             model_bytes = 0  # the file's dtype is the weights': transformers maps them from the file, no copy
         # loading maps the checkpoint file (its pages count as resident) while building the weights
         plan.floor = CPU_BASE_MIB * MIB + file_bytes + model_bytes
+    plan.parts = parts
     return plan
 
 
