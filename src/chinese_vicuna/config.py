@@ -302,7 +302,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         # `--lora_target_modules q_proj,v_proj` and repeated flags both give a flat list
-        flat = [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+        # (YAML numbers, e.g. reward_weights: [1.0, 0.5], stay numbers)
+        flat = [p.strip() if isinstance(p, str) else p for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
         return [_coerce(key, v, args[0]) for v in flat if v != ""]
     if tp is bool:
         if isinstance(value, bool):
