@@ -247,7 +247,7 @@ def _interrupt_at(step):
 @pytest.mark.parametrize("kw", [dict(grpo_loss_type="dapo", beta=0.05), dict(num_iterations=2, grpo_loss_type="grpo")])
 def test_resumes_exactly(kw, tiny_model_dir, prompts_file, tmp_path):
     """The sampling RNG and (num_iterations) the rollout being trained on come back with the checkpoint."""
-    common = dict(max_steps=4, save_steps=1, lora_target_modules="q_proj,v_proj", learning_rate=2e-2, **kw)
+    common = dict(max_steps=4, save_steps=1, val_size=4, eval_steps=2, lora_target_modules="q_proj,v_proj", learning_rate=2e-2, **kw)
     run_training(load_config(None, overrides(tiny_model_dir, prompts_file, tmp_path / "ref", **common)), progress_bar=False)
     out = tmp_path / "cut"
     handler = signal.getsignal(signal.SIGTERM)
@@ -261,9 +261,10 @@ def test_resumes_exactly(kw, tiny_model_dir, prompts_file, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()  # with num_iterations, rewards are logged on the rollout steps only
-        for key in ("loss", "reward", "completion_length", "clip_ratio/region_mean", "kl"):
+        for key in ("loss", "reward", "completion_length", "clip_ratio/region_mean", "kl", "val_loss", "val_reward"):
             assert x.get(key) == pytest.approx(y.get(key), abs=1e-6), (key, x, y)
     assert "kl" in a[0] if "beta" in kw else "reward" not in a[1]
+    assert a[1]["val_loss"] == -a[1]["val_reward"] and "val_rewards/format/mean" in a[3]
     wa, wb = load_file(str(tmp_path / "ref" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)

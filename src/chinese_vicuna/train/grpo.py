@@ -199,7 +199,7 @@ class GRPOObjective:
             wrapper.train(was_training)
         return lp.float()
 
-    def rollout(self, samples: list, seed: int) -> dict:
+    def rollout(self, samples: list, seed: int, train: bool = True) -> dict:
         """Sample, score and tensorise one micro-batch of prompts: the training batch with advantages."""
         t, hp, G = self.trainer, self.hp, self.hp.num_generations
         device = t.accelerator.device
@@ -226,9 +226,9 @@ class GRPOObjective:
         mask = (batch["labels"][:, 1:] != IGNORE) & keep.to(device)[:, None]
         batch.update(adv=adv.to(device), keep=keep.to(device), mask=mask)
         batch["units"] = int(mask.sum()) if hp.loss_type == "dapo" else int(keep.sum())
-        if hp.num_iterations > 1:
+        if hp.num_iterations > 1 and train:
             batch["old"] = self._token_logps(batch)
-        if hp.beta != 0.0:
+        if hp.beta != 0.0 and train:
             batch["ref"] = self._token_logps(batch, reference=True)
         self._log_rollout(rewards, total, std_zero, completions)
         return batch
@@ -290,10 +290,19 @@ class GRPOObjective:
         self._add(name, v.sum(), v.numel(), (v * v).sum())
 
     def pop_metrics(self) -> dict[str, float]:
-        """Means (and reward stds) since the last call over all processes; resets."""
+        """Means (and reward stds) since the last call over all processes; resets.
+
+        Every process reduces every metric, in one order, whether or not it has seen it (an evaluation
+        may leave a process without prompts): collective calls must match.
+        """
         acc = self.trainer.accelerator
+        names = ["reward", *(f"rewards/{r.name}" for r in self.rewards), "frac_reward_zero_std", "completion_length", "kl",
+                 *CLIP_METRICS]  # fmt: skip
         out = {}
-        for name, v in sorted(self._sums.items()):
+        for name in names:
+            v = self._sums.get(name)
+            if v is None:
+                v = torch.zeros(3, device=acc.device)
             v = acc.reduce(v, "sum") if self.trainer.world > 1 else v
             s, n, sq = float(v[0]), float(v[1]), float(v[2])
             if n <= 0:
@@ -316,7 +325,7 @@ class GRPOObjective:
         val, mb = t.data.val, t.cfg.train.micro_batch_size
         chunks = [val[i : i + mb] for i in range(0, len(val), mb)]
         for k in range(acc.process_index, len(chunks), t.world):
-            self.rollout(chunks[k], self._seed(-1, k))
+            self.rollout(chunks[k], self._seed(-1, k), train=False)
         metrics = self.pop_metrics()
         self._sums = saved
         out = {"val_loss": -metrics.get("reward", 0.0)}
