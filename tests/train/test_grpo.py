@@ -302,3 +302,17 @@ def test_ddp_two_processes_match_one(tiny_model_dir, prompts_file, tmp_path):
     wa, wb = load_file(str(tmp_path / "one" / "adapter_model.safetensors")), load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_group_shares_its_prompts_prefill(tiny_model, tokenizer):
+    """``repeat``: each prompt prefilled once, decoded num_generations times; the same completions as
+    decoding the repeated prompts (same seed)."""
+    from chinese_vicuna.generation.decode import GenArgs, iter_steps_batch
+
+    model = tiny_model.eval()
+    prompts = [tokenizer("第一题：三加四等于几？")["input_ids"], tokenizer("你好")["input_ids"]]
+    gen = GenArgs(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=5)
+    *_, shared = iter_steps_batch(model, prompts, gen, [tokenizer.eos_token_id], 0, repeat=3)
+    *_, plain = iter_steps_batch(model, [p for p in prompts for _ in range(3)], gen, [tokenizer.eos_token_id], 0)
+    assert [s.committed for s in shared] == [s.committed for s in plain]
+    assert len({tuple(s.committed) for s in shared[:3]}) > 1  # a group's completions differ

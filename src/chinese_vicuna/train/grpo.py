@@ -164,6 +164,7 @@ class GRPOObjective:
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """``num_generations`` completions of each prompt, in one batch; each prompt is prefilled once."""
         from ..generation.decode import GenArgs, eos_ids, iter_steps_batch
 
         t = self.trainer
@@ -177,7 +178,7 @@ class GRPOObjective:
         try:
             with t.accelerator.autocast():
                 final = []
-                for steps in iter_steps_batch(model, prompts, gen, eos, pad):
+                for steps in iter_steps_batch(model, prompts, gen, eos, pad, repeat=hp.num_generations):
                     final = steps
         finally:
             model.train(was_training)
@@ -203,8 +204,8 @@ class GRPOObjective:
         """Sample, score and tensorise one micro-batch of prompts: the training batch with advantages."""
         t, hp, G = self.trainer, self.hp, self.hp.num_generations
         device = t.accelerator.device
+        completions = self._generate([s.prompt_ids for s in samples], seed)
         prompts = [s.prompt_ids for s in samples for _ in range(G)]
-        completions = self._generate(prompts, seed)
         tok = t.tokenizer
         texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
         per_func = []
