@@ -272,16 +272,20 @@ def test_resumes_exactly(kw, tiny_model_dir, prompts_file, tmp_path):
 
 def test_cli_trains_and_saves_a_plain_peft_adapter(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "run"
-    run_cli("train", *overrides(tiny_model_dir, prompts_file, out, max_steps=1, reward_funcs=f"match,{ROOT}/tests/train/test_grpo.py:length_of"))
+    mod = tmp_path / "user_rewards.py"
+    mod.write_text(LENGTH_OF, encoding="utf-8")
+    run_cli("train", *overrides(tiny_model_dir, prompts_file, out, max_steps=1, reward_funcs=f"match,{mod}:length_of"))
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     row = metrics(out)[0]
     assert row["rewards/match/mean"] == 0.0 and row["rewards/length_of/mean"] == row["completion_length"]
 
 
+LENGTH_OF = '''
 def length_of(prompts, completions, completion_ids, answer, **kwargs):
-    """A user reward function in TRL's signature (the CLI test loads it from this file)."""
+    """A user reward function in TRL's signature."""
     assert len(answer) == len(completions) and isinstance(prompts[0], str)
     return [float(len(ids)) for ids in completion_ids]
+'''
 
 
 def test_cli_reward_error_is_one_line_and_leaves_no_adapter(tiny_model_dir, prompts_file, tmp_path):
