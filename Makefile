@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_plan.py
 	$(BIN)/python benchmarks/bench_pref.py
+	$(BIN)/python benchmarks/bench_grpo.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_train.py
 

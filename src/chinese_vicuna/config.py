@@ -176,7 +176,8 @@ class PrefArgs:
     stage: StageName = "sft"
     """Training objective. ``sft``: replies given prompts; ``pretrain``: raw text (records with ``text``,
     ``.txt`` files); ``dpo``/``ipo``/``orpo``/``simpo``: chosen-vs-rejected pairs; ``kto``: replies labelled
-    desirable or not (pairs are split into one of each)."""
+    desirable or not (pairs are split into one of each); ``grpo``: online RL from prompts and reward functions
+    (see the GRPO section)."""
     pref_beta: float = 0.1
     """beta of DPO/IPO/KTO (strength of the pull towards the reference), ORPO's odds-ratio weight (lambda)
     and SimPO's reward scale (the SimPO paper used 2.0-2.5)."""
@@ -199,7 +200,47 @@ class PrefArgs:
     init_adapter). Default: the base model (the trained adapter disabled), no second copy in memory."""
 
 
-CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs, PrefArgs)
+@dataclass
+class GRPOArgs:
+    num_generations: int = 4
+    """GRPO: completions sampled per prompt (the group whose rewards are compared). With ``stage: grpo``,
+    batch_size and micro_batch_size count prompts: a micro-batch generates and trains micro_batch_size x
+    num_generations completions (TRL's per_device_train_batch_size counts completions)."""
+    max_new_tokens: int = 128
+    """GRPO: the longest completion, in tokens (TRL's max_completion_length)."""
+    temperature: float = 1.0
+    """GRPO: sampling temperature of the completions."""
+    top_p: float = 1.0
+    """GRPO: nucleus sampling of the completions (1 = off)."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["match"])
+    """GRPO reward functions, summed with reward_weights: ``match`` (the completion's final answer equals the
+    record's ``answer``: 1 or 0), ``format:REGEX`` (1 if the regex is found in the completion, ``re.search``
+    with DOTALL: anchor it with ``^``/``$``), ``length`` or ``length:N`` (0 up to N tokens, then falling
+    linearly to -1 at max_new_tokens; N defaults to max_new_tokens // 2), or a user function
+    ``module:function`` / ``path/to/file.py:function`` with TRL's signature ``f(prompts, completions,
+    completion_ids, **record_fields) -> list[float | None]``."""
+    reward_weights: list[float] | None = None
+    """GRPO: one weight per reward function (default: 1 each)."""
+    grpo_loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """GRPO loss, as TRL's GRPOTrainer: ``grpo`` (advantages divided by the group's std; each completion's
+    token mean, averaged over completions), ``dr_grpo`` (Dr. GRPO: no std scaling; token sums divided by
+    max_new_tokens), ``dapo`` (token-level mean over the step's completion tokens; use epsilon_high 0.28)."""
+    epsilon_low: float = 0.2
+    """GRPO: the importance ratio is clipped below at 1 - epsilon_low."""
+    epsilon_high: float | None = None
+    """GRPO: ... and above at 1 + epsilon_high (DAPO's clip-higher); default: epsilon_low."""
+    beta: float = 0.0
+    """GRPO: weight of the KL penalty to the reference (the base with the adapter disabled; k3 estimator).
+    0, as current practice (DAPO, Dr. GRPO, TRL's default): no reference forward at all."""
+    num_iterations: int = 1
+    """GRPO: optimizer steps per generation (mu): the same completions train this many steps with the
+    importance ratio against the sampling policy clipped; each data batch then lasts num_iterations steps."""
+    dynamic_sampling: bool = False
+    """GRPO: drop groups whose rewards are all equal (zero advantage) from the loss and its normaliser
+    (DAPO's dynamic sampling, without re-sampling to refill the batch)."""
+
+
+CONFIG_CLASSES = (ModelArgs, LoraArgs, DataArgs, TrainArgs, PrefArgs, GRPOArgs)
 
 
 @dataclass
@@ -211,11 +252,12 @@ class TrainConfig:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     pref: PrefArgs = field(default_factory=PrefArgs)
+    grpo: GRPOArgs = field(default_factory=GRPOArgs)
 
     def flat(self) -> dict[str, Any]:
         """All keys in one flat mapping, as in YAML and on the command line."""
         out: dict[str, Any] = {}
-        for group in (self.model, self.lora, self.data, self.train, self.pref):
+        for group in (self.model, self.lora, self.data, self.train, self.pref, self.grpo):
             out.update(dataclasses.asdict(group))
         return out
 
@@ -232,8 +274,9 @@ class TrainConfig:
 
 
 def config_fields() -> dict[str, tuple[str, dataclasses.Field]]:
-    """Every config key -> (its group: model, lora, data, train or pref; its dataclass field, type resolved)."""
-    groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "pref": PrefArgs}
+    """Every config key -> (its group: model, lora, data, train, pref or grpo; its dataclass field, type resolved)."""
+    groups = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs, "pref": PrefArgs,
+              "grpo": GRPOArgs}
     table: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in groups.items():
         hints = typing.get_type_hints(cls)
@@ -261,7 +304,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         # `--lora_target_modules q_proj,v_proj` and repeated flags both give a flat list
-        flat = [p.strip() for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+        # (YAML numbers, e.g. reward_weights: [1.0, 0.5], stay numbers)
+        flat = [p.strip() if isinstance(p, str) else p for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
         return [_coerce(key, v, args[0]) for v in flat if v != ""]
     if tp is bool:
         if isinstance(value, bool):
@@ -378,7 +422,8 @@ def validate(cfg: TrainConfig) -> None:
     pr = cfg.pref
     stage = get_stage(pr.stage)
     if not stage.packable and d.packing:
-        raise ConfigError(f"packing: not supported with stage {pr.stage} (pairs are compared as whole sequences)")
+        why = "completions are scored as whole sequences" if stage.objective == "grpo" else "pairs are compared as whole sequences"
+        raise ConfigError(f"packing: not supported with stage {pr.stage} ({why})")
     if not 0 <= pr.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing: expected 0 <= value < 0.5, got {pr.label_smoothing}")
     if pr.pref_beta <= 0:
@@ -392,6 +437,7 @@ def validate(cfg: TrainConfig) -> None:
                           "leave ref_adapter unset (the reference is then the original model)")
     if pr.ref_adapter and lo.finetuning != "lora":
         raise ConfigError("ref_adapter: needs finetuning: lora (the reference is the base with that adapter)")
+    _validate_grpo(cfg)
     t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
     if t.gradient_checkpointing not in ("auto", "true", "false"):
         raise ConfigError(f"gradient_checkpointing: expected auto, true or false, got {t.gradient_checkpointing!r}")
@@ -402,6 +448,35 @@ def validate(cfg: TrainConfig) -> None:
                           "use quantization: none")
     if t.new_data and not t.resume:
         raise ConfigError("new_data needs resume: it continues a run's optimizer on new data")
+
+
+def _validate_grpo(cfg: TrainConfig) -> None:
+    g = cfg.grpo
+    if g.num_generations < 2:
+        raise ConfigError(f"num_generations: expected >= 2 (advantages compare completions of one prompt), got {g.num_generations}")
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: expected >= 1, got {g.max_new_tokens}")
+    if g.temperature <= 0:
+        raise ConfigError(f"temperature: expected > 0 (GRPO samples), got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"top_p: expected 0 < top_p <= 1, got {g.top_p}")
+    if not g.reward_funcs:
+        raise ConfigError("reward_funcs: give at least one reward function")
+    if g.reward_weights is not None and len(g.reward_weights) != len(g.reward_funcs):
+        raise ConfigError(f"reward_weights: expected {len(g.reward_funcs)} weights (one per reward_funcs entry), "
+                          f"got {len(g.reward_weights)}")
+    if g.epsilon_low < 0 or (g.epsilon_high is not None and g.epsilon_high < 0):
+        raise ConfigError("epsilon_low/epsilon_high: expected >= 0")
+    if g.beta < 0:
+        raise ConfigError(f"beta: expected >= 0, got {g.beta}")
+    if g.num_iterations < 1:
+        raise ConfigError(f"num_iterations: expected >= 1, got {g.num_iterations}")
+    if cfg.pref.stage == "grpo" and g.beta > 0:
+        if cfg.lora.finetuning != "lora":
+            raise ConfigError("beta: the KL reference is the base with the adapter disabled; it needs finetuning: lora")
+        if cfg.lora.lora_init in ("pissa", "olora"):
+            raise ConfigError(f"beta: with lora_init: {cfg.lora.lora_init} the adapter-disabled model is not the "
+                              "original one; use beta: 0 or another lora_init")
 
 
 ROPE_TYPES = ("linear", "dynamic", "yarn")

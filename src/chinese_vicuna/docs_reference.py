@@ -22,6 +22,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "DataArgs": ("Data", "Data files, record formats, templates and sample length."),
     "TrainArgs": ("Training", "The optimisation loop, checkpoints, logging and the launcher."),
     "PrefArgs": ("Objective and preference tuning", "The training stage and the DPO/IPO/ORPO/SimPO/KTO settings."),
+    "GRPOArgs": ("GRPO (online RL)", "Sampling, rewards and loss of `stage: grpo` ([GRPO](grpo.md))."),
 }
 
 

@@ -1,7 +1,7 @@
 """The training stages: one registry that the config, the data readers and the trainer all ask.
 
 A stage says what its records are (replies given prompts, raw text, chosen/rejected pairs, labelled
-replies), whether it compares a policy with a reference model, and which objective trains it.
+replies, prompts alone), whether it compares a policy with a reference model, and which objective trains it.
 Nothing here imports torch: the config validates against it and ``--help`` lists it instantly.
 """
 
@@ -14,11 +14,11 @@ from typing import Literal
 @dataclass(frozen=True)
 class Stage:
     name: str
-    objective: Literal["sft", "preference"]
-    """Which trainer objective runs it: next-token cross-entropy, or a preference loss."""
-    records: Literal["conversations", "text", "pairs", "labelled"]
-    """What a training record is: prompt + reply, raw text, chosen/rejected pair, or a reply labelled
-    desirable/undesirable (KTO; pairs are split into one of each)."""
+    objective: Literal["sft", "preference", "grpo"]
+    """Which trainer objective runs it: next-token cross-entropy, a preference loss, or online RL (GRPO)."""
+    records: Literal["conversations", "text", "pairs", "labelled", "prompts"]
+    """What a training record is: prompt + reply, raw text, chosen/rejected pair, a reply labelled
+    desirable/undesirable (KTO; pairs are split into one of each), or a prompt whose replies the policy samples."""
     needs_reference: bool = False
     """Whether the loss compares the policy with a reference model (the base with the adapter disabled,
     or ``ref_adapter``)."""
@@ -48,10 +48,12 @@ STAGES: dict[str, Stage] = {
         Stage("orpo", "preference", "pairs"),
         Stage("simpo", "preference", "pairs"),
         Stage("kto", "preference", "labelled", needs_reference=True),
+        # the KL reference of grpo (beta > 0) is always the base with the adapter disabled
+        Stage("grpo", "grpo", "prompts"),
     )
 }
 
-StageName = Literal["sft", "pretrain", "dpo", "ipo", "orpo", "simpo", "kto"]
+StageName = Literal["sft", "pretrain", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"]
 
 
 def get_stage(name: str) -> Stage:

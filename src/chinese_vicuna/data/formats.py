@@ -126,7 +126,7 @@ def _vicuna_chat(r: dict, where: str) -> list[Message]:
     return msgs
 
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def role_messages(items: Any, where: str, key: str, role_key: str, text_key: str, roles: dict) -> list[Message]:
@@ -177,7 +177,7 @@ def to_conversation(record: Any, fmt: str, where: str) -> Conversation:
     elif fmt == "vicuna-chat":
         msgs = _vicuna_chat(record, where)
     elif fmt == "sharegpt":
-        msgs = role_messages(record.get("conversations"), where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        msgs = role_messages(record.get("conversations"), where, "conversations", "from", "value", SHAREGPT_ROLES)
     elif fmt == "openai":
         roles = {"system": "system", "user": "user", "assistant": "assistant"}
         msgs = role_messages(record.get("messages"), where, "messages", "role", "content", roles)

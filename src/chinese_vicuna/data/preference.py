@@ -93,7 +93,7 @@ class PreparedPreferences:
 
 
 _OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def detect_preference_format(record: Any, where: str) -> str:
@@ -120,7 +120,7 @@ def detect_preference_format(record: Any, where: str) -> str:
     )
 
 
-def _prompt_messages(value: Any, where: str, key: str) -> list[Message]:
+def prompt_messages(value: Any, where: str, key: str) -> list[Message]:
     """A prompt: a string (the user's message) or a message list ending with the user."""
     if isinstance(value, str):
         return [Message("user", nonempty(value, where, key))]
@@ -130,7 +130,7 @@ def _prompt_messages(value: Any, where: str, key: str) -> list[Message]:
     turns = [m for m in msgs if m.role != "system"]
     if not turns or turns[-1].role != "user":
         raise RecordError(where, key, "expected the prompt to end with a user message")
-    _alternating(turns, where, key)
+    alternating_messages(turns, where, key)
     return msgs
 
 
@@ -152,7 +152,7 @@ def _messages(items: list, where: str, key: str) -> list[Message]:
     return msgs
 
 
-def _alternating(turns: list[Message], where: str, key: str) -> None:
+def alternating_messages(turns: list[Message], where: str, key: str) -> None:
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m.role != want:
@@ -182,7 +182,7 @@ def _implicit(record: dict, where: str) -> Preference:
             raise RecordError(where, key, "expected a non-empty list of messages (or give a prompt)")
         msgs = _messages(v, where, key)
         turns = [m for m in msgs if m.role != "system"]
-        _alternating(turns, where, key)
+        alternating_messages(turns, where, key)
         if turns[-1].role != "assistant":
             raise RecordError(where, key, "expected the conversation to end with an assistant reply")
         convs[key] = msgs
@@ -206,7 +206,7 @@ def _hh_turns(text: str, where: str, key: str) -> list[Message]:
         raise RecordError(where, key, "expected '\\n\\nHuman: …\\n\\nAssistant: …' turns")
     if msgs[-1].role != "assistant":
         raise RecordError(where, key, "expected the text to end with an '\\n\\nAssistant: ' reply")
-    _alternating(msgs, where, key)
+    alternating_messages(msgs, where, key)
     return msgs
 
 
@@ -228,7 +228,7 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
         label = record.get("label")
         if not isinstance(label, bool):
             raise RecordError(where, "label", f"expected true or false, got {label!r}")
-        prompt = _prompt_messages(record.get("prompt"), where, "prompt")
+        prompt = prompt_messages(record.get("prompt"), where, "prompt")
         return Unpaired(prompt, _reply(record.get("completion"), where, "completion"), label, where)
     if fmt == "alpaca":
         r = dict(record)
@@ -243,7 +243,7 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
         if not isinstance(conv, list) or not conv:
             raise RecordError(where, "conversations", "expected a non-empty list of messages")
         # role_messages wants a conversation ending with the assistant: validate with a stand-in reply.
-        full = role_messages(conv + [{"from": "gpt", "value": "-"}], where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        full = role_messages(conv + [{"from": "gpt", "value": "-"}], where, "conversations", "from", "value", SHAREGPT_ROLES)
         msgs += full[:-1]
         replies = []
         for key in ("chosen", "rejected"):
@@ -265,7 +265,7 @@ def to_preference(record: Any, where: str, fmt: str = "auto") -> Preference | Un
     if fmt == "trl":
         if "prompt" not in record:
             return _implicit(record, where)
-        prompt = _prompt_messages(record.get("prompt"), where, "prompt")
+        prompt = prompt_messages(record.get("prompt"), where, "prompt")
         return Preference(prompt, _reply(record.get("chosen"), where, "chosen"), _reply(record.get("rejected"), where, "rejected"), where)
     raise RecordError(where, "format", f"expected one of {', '.join(PREF_FORMATS)}, got {fmt!r}")
 

@@ -180,9 +180,13 @@ def seeded_generator(gen: GenArgs, device) -> torch.Generator | None:
 @torch.no_grad()
 def iter_steps_batch(
     model, prompts: list[list[int]], gen: GenArgs, eos: list[int], pad: int, cancel: Callable[[], bool] | None = None,
-    tokenizer=None,
+    tokenizer=None, repeat: int = 1,
 ) -> Iterator[list[Step]]:
-    """Greedy or sampled decoding of a left-padded batch; yields every row's state after each token."""
+    """Greedy or sampled decoding of a left-padded batch; yields every row's state after each token.
+
+    With ``repeat`` each prompt is prefilled once and decoded ``repeat`` times (rows ``i * repeat`` to
+    ``(i + 1) * repeat - 1`` are prompt ``i``'s), its prompt cache copied: GRPO's groups.
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -195,6 +199,10 @@ def iter_steps_batch(
     logits = _prefill(model, ids, mask, pos, cache, cancel)
     if logits is None:
         return
+    if repeat > 1:
+        cache.batch_repeat_interleave(repeat)
+        logits, ids, mask, pos = (x.repeat_interleave(repeat, 0) for x in (logits, ids, mask, pos))
+        prompts = [p for p in prompts for _ in range(repeat)]
     bias = logit_bias_tensor(gen, logits.shape[-1], device)
     matchers = grammar_matchers(tokenizer, gen, eos, logits.shape[-1], len(prompts))
     seqs = ids

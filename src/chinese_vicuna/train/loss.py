@@ -224,6 +224,41 @@ def sequence_logprobs(
     return total, counts
 
 
+def token_logprobs(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: log p(label) ``[batch, seq - 1]`` (fp32, 0 where not trained), and the trained mask.
+
+    What GRPO needs (a ratio per token). The same paths as :func:`sequence_logprobs`, each trained
+    position counted as its own "sequence" of the fused kernel.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    h = hidden[:, :-1][keep]
+    t = targets[keep]
+    n = t.numel()
+    out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+    if n == 0:
+        return out + hidden.sum() * 0.0, keep
+    w = getattr(head, "weight", None)
+    pos = torch.arange(n, device=hidden.device)
+    if _fusable(head, h) and not w.requires_grad:
+        dtype = _compute_dtype(h, w)
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp = -FusedLinearCrossEntropy.apply(h, w, t, chunk_size, dtype, pos, n)
+        else:
+            with torch.no_grad():
+                lp = -_ce_chunks(h, w, t, chunk_size, dtype, row_of=pos, n_rows=n)
+    else:
+        parts = []
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            ce = checkpoint(_ce_per_pos, head, h[sl], t[sl], use_reentrant=False) if torch.is_grad_enabled() else _ce_per_pos(head, h[sl], t[sl])
+            parts.append(-ce)
+        lp = torch.cat(parts)
+    return out.masked_scatter(keep, lp), keep
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a (PEFT) causal LM so that ``forward(batch)`` returns ``(loss_sum, n_trained)``.
 
@@ -246,8 +281,10 @@ class CausalLMLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         per_sequence: bool = False,
+        per_token: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss_sum, n_trained)``; with ``per_sequence``: ``(logp_sum [batch], n_trained [batch])``."""
+        """``(loss_sum, n_trained)``; with ``per_sequence``: ``(logp_sum [batch], n_trained [batch])``; with
+        ``per_token``: ``(logp [batch, seq-1], trained mask [batch, seq-1])``."""
         base = self._base()
         cfg = base.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
@@ -255,12 +292,16 @@ class CausalLMLoss(nn.Module):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
             t = labels[:, 1:]
             ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), t, reduction="none")
+            if per_token:
+                return -ce, t != IGNORE
             if per_sequence:
                 return -ce.sum(1), (t != IGNORE).sum(1)
             return ce.sum(), (t != IGNORE).sum()
         out = base.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
+        if per_token:
+            return token_logprobs(out[0], labels, base.get_output_embeddings(), self.chunk_size)
         if per_sequence:
             return sequence_logprobs(out[0], labels, base.get_output_embeddings(), self.chunk_size)
         return chunked_cross_entropy(out[0], labels, base.get_output_embeddings(), self.chunk_size)

@@ -21,6 +21,7 @@ import torch
 from ..config import TrainConfig
 from ..data.collate import collate, plan_batches, plan_packed
 from ..data.datasets import PreparedData, parse_source, prepare
+from ..data.grpo import prepare_prompts
 from ..data.preference import prepare_preferences
 from ..data.templates import get_template
 from ..data.tokenize import Renderer, save_tokenizer
@@ -44,6 +45,7 @@ from .checkpoint import (
     save_checkpoint,
     save_pretrained,
 )
+from .grpo import GRPOObjective
 from .kernels import LOWMEM_ATTENTION, apply_training_kernels, register_attention
 from .loss import CausalLMLoss
 from .plan import compare_line, model_config, needs_checkpointing, plan_run
@@ -89,8 +91,8 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 class Trainer:
-    """One trainer for every stage (``sft``, ``pretrain``, the preference stages); the stage's objective
-    (:mod:`.sft`, :mod:`.preference`) supplies what differs: lengths, collation, units and the loss."""
+    """One trainer for every stage (``sft``, ``pretrain``, the preference stages, ``grpo``); the stage's objective
+    (:mod:`.sft`, :mod:`.preference`, :mod:`.grpo`) supplies what differs: lengths, collation, units and the loss."""
 
     def __init__(self, cfg: TrainConfig, callbacks: list[StepCallback] | None = None, progress_bar: bool = True):
         self.cfg = cfg
@@ -210,7 +212,10 @@ class Trainer:
             progress=acc.is_main_process and self.progress_bar,
         )
         sources = [parse_source(s, stage.data_format or d.format) for s in d.data_path]
-        if stage.preference:
+        if stage.objective == "grpo":
+            self.data = prepare_prompts(self.renderer, sources, **data_args)
+            self.objective = GRPOObjective(self)
+        elif stage.preference:
             self.data = prepare_preferences(self.renderer, sources, stage.name, **data_args)
             self.objective = PreferenceObjective(self)
         else:
@@ -227,7 +232,9 @@ class Trainer:
             )
         self.lengths = [self.objective.length(s) for s in self.data.train]
         n_micro = len(self._epoch_plan(0))
-        self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step))
+        # GRPO's num_iterations: each data batch trains that many optimizer steps
+        self.repeat = getattr(self.objective, "repeat", 1)
+        self.steps_per_epoch = max(1, math.ceil(n_micro / self.micro_per_step)) * self.repeat
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * self.steps_per_epoch))
 
     def setup_plan(self) -> None:
@@ -270,6 +277,8 @@ class Trainer:
         warmup = t.warmup_steps or int(t.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, warmup, self.total_steps)
         acc.register_for_checkpointing(self.scheduler, self.progress)
+        if hasattr(self.objective, "state_dict"):  # GRPO: the rollout a step inside num_iterations trains on
+            acc.register_for_checkpointing(self.objective)
         if cfg.lora.finetuning == "lora":
             # Checkpoints hold the adapter (saved by us), not the frozen base weights.
             acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
@@ -321,8 +330,8 @@ class Trainer:
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This process's micro-batches for optimizer step ``step`` (a pure function of the step)."""
-        rel = step - self.progress.data_offset
-        epoch, within = divmod(rel, self.steps_per_epoch)
+        rel = (step - self.progress.data_offset) // self.repeat
+        epoch, within = divmod(rel, self.steps_per_epoch // self.repeat)
         plan = self._epoch_plan(epoch)
         chunk = plan[within * self.micro_per_step : (within + 1) * self.micro_per_step]
         mine = chunk[self.accelerator.process_index :: self.world]
@@ -352,10 +361,12 @@ class Trainer:
         try:  # an exception in the loop (a callback, Ctrl-C twice) must not leave our handlers installed
             for step in range(start, self.total_steps):
                 batches = self.step_batches(step)
-                # the step's units (trained tokens; pairs or replies for preference stages) on all processes
+                # before counting: GRPO samples the step's completions here (KTO: its KL estimate)
+                self.objective.begin_step(batches)
+                # the step's units (trained tokens; pairs or replies for preference stages; completions or
+                # completion tokens for GRPO) on all processes
                 n_local = sum(self.objective.count(b) for b in batches)
                 n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
-                self.objective.begin_step(batches)
                 step_loss = torch.zeros((), device=acc.device)
                 for i, batch in enumerate(batches):
                     last = i == len(batches) - 1
