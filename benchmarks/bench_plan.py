@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="results file (default benchmarks/results/plan[-cuda].json)")
     ap.add_argument("--workloads", default=None,
                     help="comma list of grid (long samples, the table above), mixed (mixed lengths up to cutoff 2048, "
-                         "8 steps, checkpointing off and on), demo (configs/demo.yaml as `make demo` runs it); "
+                         "4 steps, checkpointing off and on), demo (configs/demo.yaml as `make demo` runs it); "
                          "default: all three on the embedded model, grid alone with --model")
     args = ap.parse_args()
     workloads = (args.workloads or ("grid" if args.model else "grid,mixed,demo")).split(",")
@@ -130,7 +130,7 @@ def main() -> None:
         futures = [pool.submit(run, data, Path(tmp) / f"{q}-{c}-{k}", c, k, q, args.model, micro[c]) for q, c, k in grid]
         if "mixed" in workloads:
             mixed = mixed_data(Path(tmp) / "mixed.jsonl")
-            futures += [pool.submit(run, mixed, Path(tmp) / f"mixed-{k}", 2048, k, "none", args.model, 2, 8, "mixed")
+            futures += [pool.submit(run, mixed, Path(tmp) / f"mixed-{k}", 2048, k, "none", args.model, 2, 4, "mixed")
                         for k in (False, True)]
         if "demo" in workloads:
             futures.append(pool.submit(run_demo, Path(tmp) / "demo"))

@@ -48,16 +48,17 @@ KNOWN_SHAPES = {
 CPU_BASE_MIB = 410
 # Kept activations are exactly the tensors counted below on the CPU (a test compares them with what autograd
 # saves, layer by layer) and 7% under them on CUDA (fitted to an H200's peaks: benchmarks/results/plan*-cuda.json).
-# A layer's backward needs, at once, the attention probabilities' gradient, the softmax backward and the
-# recomputed scores: 16 bytes per probability in fp32; under 16-bit autocast 5.7x the 2-byte probabilities
-# (the softmax backward runs in fp32; fitted on an AVX512-BF16 CPU), twice that with a k-bit base. bitsandbytes'
+# A layer's backward needs, at once, about three fp32 buffers the size of its attention probabilities (their
+# gradient and the softmax backward's): 12 bytes per probability, fitted in fp32 on an AVX2 CPU (3x the 4-byte
+# probabilities) and under 16-bit autocast on an AVX512-BF16 CPU (5.7x the 2-byte ones); twice that with a
+# k-bit base under autocast. bitsandbytes'
 # 8-bit matmul keeps about 5 bytes per element of each layer's distinct linear inputs (measured: LLaMA-7B's
 # shape at 1,024 and 4,096 tokens, without checkpointing, and with the non-reentrant checkpointing that could
 # not free them).
 ACTIVATION_FACTOR = 1.0
 ACTIVATION_FACTOR_CUDA = 0.93
 ATTENTION_BACKWARD = 5.7
-ATTENTION_BACKWARD_FP32 = 4.0
+ATTENTION_BACKWARD_FP32 = 3.0
 INT8_KEPT_BYTES = 5.0
 # CUDA: the context (kernels, cuBLAS workspace) and the caching allocator's rounding/fragmentation of what
 # training allocates (the weights are a few large blocks, loaded once).
