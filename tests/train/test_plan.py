@@ -255,3 +255,31 @@ def test_activation_count_is_what_autograd_keeps_per_layer(tiny_model_dir, tmp_p
     predicted = one_layer / ACTIVATION_FACTOR
     measured = (four - two) / 2
     assert abs(predicted - measured) / measured < 0.005, (predicted, measured)
+
+
+def test_plan_is_within_15_percent_of_the_recorded_cpu_peaks():
+    """The planner against the CPU peaks (peak RSS, jemalloc) that benchmarks/bench_plan.py recorded: the
+    long-sample grid (LoRA and QLoRA, cutoff 256/1024, checkpointing off and on), mixed lengths up to 2048
+    tokens over 8 steps, and `make demo`'s run as it is: every run within 15% (the docs' claim)."""
+    import json
+    from pathlib import Path
+
+    from chinese_vicuna.model.load import embedded_model_dir
+
+    root = Path(__file__).parents[2]
+    runs = json.loads((root / "benchmarks" / "results" / "plan.json").read_text())["runs"]
+    errors = {}
+    for r in runs:
+        flags = ["--base_model", str(embedded_model_dir()), "--dtype", r["dtype"]]
+        if r["workload"] == "demo":
+            cfg = load_config(str(root / "configs" / "demo.yaml"), flags)
+        else:
+            cfg = load_config(None, flags + [
+                "--quantization", r["quantization"], "--cutoff_len", str(r["cutoff"]),
+                "--micro_batch_size", str(r["micro_batch_size"]), "--data_path", "x.jsonl"])
+        # every workload's longest micro-batch reaches cutoff_len, which is what the planner takes without lengths
+        predicted = plan_run(cfg, model_config(cfg)[1], None, device="cpu").at(checkpointing=r["checkpointing"]).peak_mib
+        errors[f"{r['workload']} {r['quantization']} {r['cutoff']} {r['checkpointing']}"] = \
+            (predicted - r["measured_mib"]) / r["measured_mib"]
+    assert {k.split()[0] for k in errors} == {"long", "mixed", "demo"}
+    assert len(errors) >= 10 and max(map(abs, errors.values())) < 0.15, {k: f"{e:+.1%}" for k, e in errors.items()}
