@@ -80,7 +80,9 @@ def test_seed_adapter_merges(seed_adapter, tiny_model_dir, tmp_path, low_memory)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         got = merged(IDS).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # docs/export.md: in fp32 merged and unmerged logits agree to 5e-5 (each fp32 forward rounds that much;
+    # how much depends on the CPU's kernels: 1.9e-5 measured on an AVX2 CPU)
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
 
 
 def test_seed_adapter_initialises_training(seed_adapter, tiny_model_dir, alpaca_file, tmp_path):

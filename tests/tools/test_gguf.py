@@ -253,7 +253,9 @@ def test_smollm2_with_adapter_f16_greedy_equals_hf_and_q8_0_perplexity(tmp_path,
     held = heldout_ids(tokenizer, 2048)  # 1024 tokens swing the Q8_0 delta between 0.1% and 1.3%
     p16, p8 = gguf_perplexity(f16, held, window=512), gguf_perplexity(q8, held, window=512)
     print(f"SmolLM2 + adapter perplexity on {len(held)} held-out tokens: f16 {p16:.3f}, q8_0 {p8:.3f}")
-    assert p16 < 60 and abs(p8 - p16) / p16 < 0.005, (p16, p8)  # measured 17.469 -> 17.549, 0.46%
+    # measured 17.469 -> 17.549 (0.46%) on an AVX512-BF16 CPU, 17.470 -> 17.602 (0.76%) on an AVX2 one:
+    # llama.cpp's q8_0 kernels differ by CPU (docs/export.md states both)
+    assert p16 < 60 and abs(p8 - p16) / p16 < 0.01, (p16, p8)
 
 
 # Opt-in: no installed wheel ships llama.cpp's script (llama-cpp-python's sdist has it under
