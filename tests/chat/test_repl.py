@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 
 import pexpect
@@ -55,9 +56,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _terminal_signals() -> None:
+    # A user's terminal delivers Ctrl-C; a runner started as a background job of a script has SIGINT
+    # ignored, and an ignored signal stays ignored in its children (Python then installs no handler).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args: str) -> pexpect.spawn:
     return pexpect.spawn(sys.executable, ["-m", "chinese_vicuna", "chat", *args], cwd=str(ROOT), env=child_env(),
-                         encoding="utf-8", timeout=60, dimensions=(40, 300))
+                         encoding="utf-8", timeout=60, dimensions=(40, 300), preexec_fn=_terminal_signals)
 
 
 def test_read_message_joins_continued_lines_and_blocks():
