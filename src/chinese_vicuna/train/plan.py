@@ -512,21 +512,16 @@ def measured_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def compare_line(predicted_mib: float) -> str:
-    """``memory: predicted N MiB, measured M MiB (+x%)``, with a warning past 25%."""
+def compare_line(predicted_mib: float, device: str) -> str:
+    """``memory: predicted N MiB, measured M MiB (+x%)``, with a warning past 25% (on the CPU under glibc's
+    malloc, the reason and the fix instead)."""
     measured = measured_peak_mib()
     diff = (measured - predicted_mib) / max(predicted_mib, 1)
     line = f"memory: predicted peak {predicted_mib:.0f} MiB, measured {measured:.0f} MiB ({diff:+.0%})"
     if abs(diff) > 0.25:
         from .heap import loaded_allocator
 
-        if diff > 0 and not torch_cuda() and loaded_allocator() == "glibc":
+        if diff > 0 and device == "cpu" and loaded_allocator() == "glibc":
             line += (" -- glibc's malloc fragments under mixed lengths: install jemalloc (Debian/Ubuntu: apt-get install "
                      "libjemalloc2) and keep cpu_allocator: auto for a peak near the plan")
         else:

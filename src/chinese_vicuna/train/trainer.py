@@ -439,7 +439,7 @@ class Trainer:
             stop.close()
         log.close("stopped" if self.stopped_at else "finished")
         if acc.is_main_process:
-            print(compare_line(self.memory_plan.peak_mib))
+            print(compare_line(self.memory_plan.peak_mib, self.memory_plan.device))
         if self.stopped_at is None:
             self.save()
         return self.history[-1] if self.history else {}
